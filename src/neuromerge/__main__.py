@@ -1,0 +1,5 @@
+import sys
+
+from neuromerge.cli import main
+
+sys.exit(main())

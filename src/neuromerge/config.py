@@ -1,0 +1,140 @@
+"""The typed merge configuration: a YAML file close to mergekit's, validated by pydantic, with
+the method's own parameters checked against its registered signature."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from neuromerge.errors import ConfigError, InputError
+from neuromerge.registry import MergeMethod, get_method
+
+TensorClass = Literal["neuronal", "point", "copy"]
+
+
+class ModelEntry(BaseModel):
+    """One fine-tuned model: its path and its per-model parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="HF model folder or .safetensors/.bin file of the expert")
+    parameters: dict[str, Any] = Field(default_factory=dict,
+                                       description="per-model parameters (DARE: seed)")
+
+
+class MergeConfig(BaseModel):
+    """What to merge and how. Relative paths are looked up from the current directory first,
+    then from the folder holding the YAML file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merge_method: str = Field(description="a name from `neuromerge methods`")
+    base_model: str = Field(description="the pretrained model all experts were fine-tuned from")
+    models: list[ModelEntry] = Field(min_length=1, description="the fine-tuned experts")
+    parameters: dict[str, Any] = Field(default_factory=dict,
+                                       description="the method's parameters")
+    dtype: Literal["float32", "float64", "float16", "bfloat16"] = Field(
+        "float32", description="compute dtype; half precision is computed in float32")
+    out_dtype: Literal["float16", "bfloat16", "float32", "float64"] | None = Field(
+        None, description="dtype of the written floating tensors; null keeps the base's")
+    tensor_class: dict[str, TensorClass] = Field(
+        default_factory=dict,
+        description="glob pattern on tensor names → neuronal | point | copy (from the base); "
+                    "first match wins")
+    missing_tensors: Literal["error", "base"] = Field(
+        "error", description="a tensor of the base that an expert lacks: error, or copy it "
+                             "from the base")
+    max_shard_size: str | int = Field("5GB", description="largest output shard, e.g. 5GB")
+
+    _root: Path | None = PrivateAttr(default=None)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _plain_paths(cls, value: Any) -> Any:
+        # `- ./expert` is accepted as shorthand for `- model: ./expert`.
+        if isinstance(value, list):
+            return [{"model": v} if isinstance(v, str | os.PathLike) else v for v in value]
+        return value
+
+    @property
+    def method(self) -> MergeMethod:
+        return get_method(self.merge_method)
+
+    def validated_parameters(self) -> dict[str, Any]:
+        """The method's full parameter set, defaults filled; raises ConfigError."""
+        method = self.method
+        params = method.validate(self.parameters)
+        for i, entry in enumerate(self.models):
+            extra = sorted(set(entry.parameters) - set(method.per_model_params))
+            if extra:
+                allowed = ", ".join(method.per_model_params) or "none"
+                raise ConfigError(f"models[{i}].parameters: {method.name!r} takes no per-model "
+                                  f"parameter {extra[0]!r} (per-model: {allowed})")
+            method.validate({k: v for k, v in entry.parameters.items()},
+                            where=f"models[{i}].parameters")
+        return params
+
+    def resolve_path(self, value: str) -> Path:
+        p = Path(os.path.expanduser(value))
+        if p.is_absolute() or p.exists() or self._root is None:
+            return p
+        beside = self._root / p
+        if beside.exists():
+            return beside
+        raise InputError(f"{value}: no such file or folder (looked in {Path.cwd()} and next "
+                         f"to the config in {self._root}; neuromerge reads local checkpoints)")
+
+    def with_overrides(self, overrides: dict[str, Any]) -> MergeConfig:
+        """A copy whose ``parameters`` are updated with ``overrides`` (command-line -p)."""
+        new = self.model_copy(update={"parameters": {**self.parameters, **overrides}})
+        new._root = self._root
+        return new
+
+
+def config_from_dict(data: Any, *, source: str = "config", root: Path | None = None
+                     ) -> MergeConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with merge_method, base_model, models")
+    try:
+        cfg = MergeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_config_error(exc, source)) from None
+    cfg._root = root
+    return cfg
+
+
+def _config_error(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{source}: unknown key {loc!r}")
+        elif err["type"] == "missing":
+            parts.append(f"{source}: missing required key {loc!r}")
+        else:
+            got = err.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+            parts.append(f"{source}: {loc}: {err['msg']}{shown}")
+    return "; ".join(dict.fromkeys(parts))
+
+
+def load_config(path: str | os.PathLike[str]) -> MergeConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read config ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{p}: YAML error{where}: {problem}") from None
+    return config_from_dict(data, source=str(p), root=p.resolve().parent)

@@ -1,0 +1,96 @@
+"""The model card (README.md) written beside a merged model: inputs, method, the parameters as
+resolved (``lambda2: auto`` as a number, each task's σ) and the configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from neuromerge.registry import MergeMethod
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1000  # type: ignore[assignment]
+    return str(nbytes)
+
+
+def _value(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else f"`{v}`"
+
+
+def model_card(*, version: str, method: MergeMethod, config: Mapping[str, Any],
+               inputs: Sequence[Mapping[str, Any]], result: Any) -> str:
+    """``inputs``: dicts with role, path, size (bytes), files, header_sha256 (may be empty)."""
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- merge",
+        "- neuromerge",
+        f"- {method.name}",
+        "---",
+        "",
+        "# Merged model",
+        "",
+        f"Merged with neuromerge {version} using **{method.name}** ({method.reference_url}): "
+        f"{method.summary}",
+        "",
+        "## Inputs",
+        "",
+        "| role | path | size | files | safetensors header sha256 |",
+        "|---|---|---|---|---|",
+    ]
+    for inp in inputs:
+        lines.append(f"| {inp['role']} | `{inp['path']}` | {_size(inp['size'])} | "
+                     f"{inp['files']} | {inp.get('header_sha256') or '-'} |")
+    lines += ["", "## Parameters (as resolved)", "", "| parameter | value | given |",
+              "|---|---|---|"]
+    given = config.get("parameters", {}) or {}
+    for k, v in result.params.items():
+        lines.append(f"| {k} | {_value(v)} | {_value(given[k]) if k in given else 'default'} |")
+    stats = result.stats
+    if stats is not None:
+        lines += ["", f"## Trimming ({stats.scope} scope, density {stats.density})", "",
+                  "σt is the share of task t's L1 mass removed by the trim, over the whole model.",
+                  ""]
+        if "lambda2" in result.params and given.get("lambda2", "auto") == "auto":
+            lines += [f"lambda2 = auto resolved to {result.params['lambda2']:.6g} "
+                      f"= 1/(1 - max σt).", ""]
+        head = "| task | model | σ | ‖τ‖₁ | ‖trim(τ)‖₁ |"
+        sep = "|---|---|---|---|---|"
+        if stats.thresholds is not None:
+            head, sep = head + " threshold |", sep + "---|"
+        lines += [head, sep]
+        for t, name in enumerate(result.model_names):
+            row = (f"| {t + 1} | `{name}` | {stats.sigma[t]:.6f} | {stats.l1_total[t]:.6g} | "
+                   f"{stats.l1_kept[t]:.6g} |")
+            if stats.thresholds is not None:
+                row += f" {stats.thresholds[t]:.6g} |"
+            lines.append(row)
+    c = result.counts
+    lines += ["", "## Tensors", "",
+              f"{c['neuronal']} neuronal (2-D and higher, merged per neuron/row), {c['point']} "
+              f"point (1-D/0-D), {c['copy']} copied unchanged from the base.", ""]
+    copied = result.extra.get("copied", {})
+    reasons: dict[str, int] = {}
+    for why in copied.values():
+        reasons[why or "copy"] = reasons.get(why or "copy", 0) + 1
+    for why, n in reasons.items():
+        lines.append(f"- {n} copied: {why}")
+    lines += ["", "## Configuration", "", "```yaml",
+              yaml.safe_dump(dict(config), sort_keys=False).rstrip(), "```", "",
+              f"Merge time: {result.seconds.get('total', 0):.1f} s.", ""]
+    return "\n".join(lines)
+
+
+def input_record(role: str, path: str, reader: Any) -> dict[str, Any]:
+    files = reader.files()
+    size = sum(Path(f).stat().st_size for f in files)
+    sha = reader.header_sha256() if hasattr(reader, "header_sha256") else ""
+    return {"role": role, "path": path, "size": size, "files": len(files), "header_sha256": sha}

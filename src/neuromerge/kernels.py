@@ -1,0 +1,115 @@
+"""The shared building blocks of TIES-family methods: one trim, one elect, one disjoint mean,
+one DARE drop. Every method that needs them calls these; none re-implements them.
+
+Tensors of task vectors are stacked along dim 0: shape (T, ...) for T tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from fractions import Fraction
+
+import torch
+
+
+def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor],
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """τt = θt − θ0, stacked to (T, ...), computed in ``dtype`` (at least float32)."""
+    if dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32
+    b = base.to(dtype)
+    out = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)
+    for i, t in enumerate(tensors):
+        torch.sub(t.to(dtype), b, out=out[i])
+    return out
+
+
+def keep_count(density: float, n: int) -> int:
+    """k = ceil(density · n), exact for decimal densities: 0.2 of 10 entries is 2, not 3."""
+    if n <= 0:
+        return 0
+    k = math.ceil(Fraction(repr(float(density))) * n)
+    return min(n, max(1, k))
+
+
+def magnitudes(tv: torch.Tensor) -> torch.Tensor:
+    """|τ| in float32: trimming ranks magnitudes at float32 precision whatever the compute dtype,
+    so the streaming global threshold (which selects over float32 bit patterns) is exact."""
+    return tv.abs().to(torch.float32)
+
+
+def kth_largest(mags: torch.Tensor, k: int) -> float:
+    """The k-th largest value of a non-negative tensor (k ≥ 1)."""
+    flat = mags.reshape(-1)
+    return float(torch.kthvalue(flat.cpu() if flat.device.type == "mps" else flat,
+                                flat.numel() - k + 1).values)
+
+
+def trim(tv: torch.Tensor, density: float,
+         thresholds: Sequence[float] | None = None) -> torch.Tensor:
+    """Keep each task's largest-magnitude entries, zero the rest (TIES step 1).
+
+    With ``thresholds`` (one per task, from a model-wide pass) keep |τt| ≥ h_t; without, h_t is the
+    k-th largest |τt| of this tensor, k = ceil(density · numel). Ties at the threshold are kept.
+    """
+    if thresholds is None:
+        if density >= 1:
+            return tv
+        k = keep_count(density, tv[0].numel())
+        mags = magnitudes(tv)
+        hs = [kth_largest(mags[t], k) for t in range(tv.shape[0])]
+    else:
+        if len(thresholds) != tv.shape[0]:
+            raise ValueError(f"{len(thresholds)} thresholds for {tv.shape[0]} task vectors")
+        mags = magnitudes(tv)
+        hs = list(thresholds)
+    h = torch.tensor(hs, dtype=torch.float32, device=tv.device).view(-1, *([1] * (tv.dim() - 1)))
+    return torch.where(mags >= h, tv, torch.zeros((), dtype=tv.dtype, device=tv.device))
+
+
+def elect_sign(values: torch.Tensor, *, tensor_fallback: bool = True,
+               whole_sum: float | None = None) -> torch.Tensor:
+    """TIES sign election over dim 0: s = sign(Σt values_t).
+
+    Where that sum is exactly 0 the sign of the sum over the whole tensor is used
+    (``tensor_fallback``; ``whole_sum`` supplies it when ``values`` is only a block of the
+    tensor), and + when that is 0 too (or without the fallback)."""
+    s = torch.sign(values.sum(dim=0))
+    fallback = 1.0
+    if tensor_fallback:
+        whole = float(values.sum()) if whole_sum is None else whole_sum
+        fallback = -1.0 if whole < 0 else 1.0
+    return torch.where(s == 0, torch.full_like(s, fallback), s)
+
+
+def disjoint_mean(values: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 0 of the non-zero entries whose sign agrees with ``sign``; 0 where none do."""
+    agree = (values != 0) & (torch.sign(values) == sign)
+    total = torch.where(agree, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return total.sum(dim=0) / agree.sum(dim=0).clamp(min=1).to(values.dtype)
+
+
+def ties_merge(tv: torch.Tensor, whole_sum: float | None = None) -> torch.Tensor:
+    """Elect + disjoint mean, element-wise, of already-trimmed task vectors."""
+    return disjoint_mean(tv, elect_sign(tv, whole_sum=whole_sum))
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (model seed, tensor name): same parts, same seed."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def dare_drop(tv: torch.Tensor, drop_rate: float, seed: int) -> torch.Tensor:
+    """DARE: drop each entry with probability p, rescale survivors by 1/(1 − p).
+
+    The mask is drawn on the CPU from ``seed`` so a result is the same on every device."""
+    if drop_rate <= 0:
+        return tv
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    keep = torch.rand(tv.shape, generator=gen, dtype=torch.float32) >= drop_rate
+    keep = keep.to(tv.device)
+    return torch.where(keep, tv / (1.0 - drop_rate), torch.zeros((), dtype=tv.dtype,
+                                                                  device=tv.device))

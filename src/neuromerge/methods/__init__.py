@@ -1,0 +1,10 @@
+"""Built-in merge methods. Importing this package registers them; each module is one method
+(or one family) written as pure functions of tensors."""
+
+from neuromerge.methods.average import average
+from neuromerge.methods.dare import dare_linear, dare_ties
+from neuromerge.methods.neuromerging import neuromerging
+from neuromerge.methods.task_arithmetic import task_arithmetic
+from neuromerge.methods.ties import ties
+
+__all__ = ["average", "dare_linear", "dare_ties", "neuromerging", "task_arithmetic", "ties"]

@@ -1,0 +1,176 @@
+"""NeuroMerging (EMNLP 2025, arXiv 2503.05320): merge each neuron's task vectors separately in
+the subspace parallel to the pretrained neuron (a rescaling: input sensitivity) and in the
+subspace orthogonal to it (a rotation: task adaptability). Rules: shared/spec/neuromerging.md."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import Field
+
+from neuromerge.kernels import disjoint_mean, elect_sign, task_vectors, ties_merge, trim
+from neuromerge.params import Density, TrimScope
+from neuromerge.registry import TensorContext, TrimStats, merge_method
+
+# Directions whose singular value is below this share of the row's largest are numerically null:
+# the Gram route squares the condition number, so s_j/s_max < ~1e-7 is noise in float64.
+DIRECTION_RTOL = 1e-6
+# A task's orthogonal row this small relative to its task-vector row is rounding residue of an
+# exactly parallel update, and coordinates this small relative to s_max are rounding of zeros.
+RESIDUE_RTOL = 1e-10
+# Row blocks keep the float64 per-neuron work within this many bytes, whatever the tensor size.
+BLOCK_BYTES = 64 << 20
+
+
+def split_neurons(w0: torch.Tensor, tv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project each task-vector row on its pretrained row.
+
+    c_tᵏ = ⟨τtᵏ, w0ᵏ⟩ / ‖w0ᵏ‖² (0 when ‖w0ᵏ‖ = 0); τ⊥ = τtᵏ − c_tᵏ · w0ᵏ.
+    ``w0``: (m, n); ``tv``: (T, m, n). Returns c: (T, m) and τ⊥: (T, m, n)."""
+    c = neuron_coefficients(w0, tv)
+    return c, tv - c.unsqueeze(-1) * w0
+
+
+def neuron_coefficients(w0: torch.Tensor, tv: torch.Tensor) -> torch.Tensor:
+    norms2 = (w0 * w0).sum(dim=-1)
+    dots = torch.einsum("tmn,mn->tm", tv, w0)
+    safe = torch.where(norms2 > 0, norms2, torch.ones_like(norms2))
+    return torch.where(norms2 > 0, dots / safe, torch.zeros_like(dots))
+
+
+def merge_orthogonal_svd(orth: torch.Tensor, rank_threshold: float = 1.0) -> torch.Tensor:
+    """TIES in each neuron's SVD frame. ``orth``: (T, m, n) orthogonal parts; returns (m, n).
+
+    Per row: M = U S Vᵀ (T × n); coordinates A = M V = U S; s_j = sign(Σt A_tj) (0 → +);
+    ā_j = mean of the non-zero A_tj with sign s_j; O = Σj ā_j v_j = Mᵀ U diag(ā / S).
+    Computed for all rows at once from the T × T Gram matrices M Mᵀ = U S² Uᵀ (batched eigh).
+    With ``rank_threshold`` ρ < 1 only the leading directions whose cumulative S² share first
+    reaches ρ are kept."""
+    m_rows = orth.transpose(0, 1)  # (m, T, n), row-major per neuron
+    gram = m_rows @ m_rows.transpose(1, 2)
+    evals, u = torch.linalg.eigh(gram)
+    evals, u = evals.flip(-1), u.flip(-1)  # descending singular values
+    s = evals.clamp(min=0).sqrt()  # (m, r)
+    s_max = s[:, :1]
+    keep = s > DIRECTION_RTOL * s_max
+    if rank_threshold < 1:
+        energy = s * s
+        total = energy.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(s.dtype).tiny)
+        share_before = (energy.cumsum(dim=-1) - energy) / total
+        keep &= share_before < rank_threshold
+    coords = u * s.unsqueeze(1)  # (m, T, r): A[k] = U S
+    # A task whose orthogonal row is exactly zero has exactly zero coordinates.
+    zero_row = (m_rows == 0).all(dim=-1, keepdim=True)
+    tiny = coords.abs() <= RESIDUE_RTOL * s_max.unsqueeze(1)
+    coords = torch.where(zero_row | tiny, torch.zeros_like(coords), coords)
+    a = coords.transpose(0, 1)  # (T, m, r)
+    a_bar = disjoint_mean(a, elect_sign(a, tensor_fallback=False))
+    inv_s = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
+    weights = torch.einsum("mtr,mr->mt", u, a_bar * inv_s)  # O = Σt weights_t · M_t
+    return torch.einsum("mt,tmn->mn", weights, orth)
+
+
+def merge_neurons(w0: torch.Tensor, tv: torch.Tensor, *, lambda1: float, lambda2: float,
+                  rank_threshold: float = 1.0, orthogonal_merge: str = "svd",
+                  unit_parallel: bool = False) -> torch.Tensor:
+    """λ1 · P + λ2 · O for a 2-D neuronal tensor (rows are neurons), in float64.
+
+    P ᵏ = c̄ᵏ · w0ᵏ with c̄ᵏ the TIES elect + disjoint mean of c_1ᵏ..c_Tᵏ (a zero sum takes the
+    sign of the sum of all c of the tensor); O ᵏ is the orthogonal merge (SVD frame or, as an
+    ablation, element-wise TIES). ``unit_parallel`` reproduces the released code's w0ᵏ/‖w0ᵏ‖."""
+    t_count, m, n = tv.shape
+    w0 = w0.to(torch.float64)
+    block = max(1, BLOCK_BYTES // max(1, 8 * t_count * n))
+    blocks = [slice(i, min(m, i + block)) for i in range(0, m, block)]
+
+    c = torch.cat([neuron_coefficients(w0[b], tv[:, b].to(torch.float64)) for b in blocks], dim=1)
+    whole_orth_sum = None
+    if orthogonal_merge == "ties":  # the element-wise election's tie-break needs Σ τ⊥ tensor-wide
+        whole_orth_sum = float(tv.sum(dtype=torch.float64) - (c.sum(0) * w0.sum(-1)).sum())
+    ortho = torch.empty((m, n), dtype=torch.float64, device=tv.device)
+    for b in blocks:
+        tvb = tv[:, b].to(torch.float64)
+        orth = tvb - c[:, b].unsqueeze(-1) * w0[b]
+        # An exactly parallel update leaves a rounding residue, not an orthogonal part.
+        residue = orth.norm(dim=-1) <= RESIDUE_RTOL * tvb.norm(dim=-1)
+        orth = torch.where(residue.unsqueeze(-1), torch.zeros_like(orth), orth)
+        if orthogonal_merge == "svd":
+            ortho[b] = merge_orthogonal_svd(orth, rank_threshold)
+        else:
+            ortho[b] = ties_merge(orth, whole_sum=whole_orth_sum)
+    delta = lambda2 * ortho
+    if lambda1 != 0:
+        c_bar = disjoint_mean(c, elect_sign(c))
+        direction = w0
+        if unit_parallel:
+            norms = w0.norm(dim=-1, keepdim=True)
+            direction = torch.where(norms > 0, w0 / torch.where(norms > 0, norms, 1.0), 0.0)
+        delta += lambda1 * c_bar.unsqueeze(-1) * direction
+    return delta
+
+
+def lambda2_auto(stats: TrimStats | None) -> float:
+    """λ2 = 1/(1 − σ), σ = max_t σt = the largest share of a task's L1 mass the trim removed;
+    equivalently max_t ‖τt‖₁ / ‖trim(τt)‖₁. 1 when nothing was trimmed."""
+    if stats is None:
+        return 1.0
+    ratios = [tot / kept for tot, kept in zip(stats.l1_total, stats.l1_kept, strict=True)
+              if tot > 0 and kept > 0]
+    return max(ratios, default=1.0)
+
+
+def _resolve(params: dict[str, Any], stats: TrimStats | None) -> dict[str, Any]:
+    if params["lambda2"] == "auto":
+        params["lambda2"] = lambda2_auto(stats)
+    if params["lambda_point"] is None:
+        params["lambda_point"] = params["lambda2"]
+    return params
+
+
+@merge_method(
+    name="neuromerging", reference_url="https://arxiv.org/abs/2503.05320", trims=True,
+    resolve=_resolve, needs_stats=lambda p: p["lambda2"] == "auto",
+)
+def neuromerging(
+    base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
+    density: Density = 0.2,
+    trim_scope: TrimScope = "global",
+    lambda1: Annotated[float, Field(
+        description="λ1, scale of the merged parallel (rescaling) subspace; 0 without "
+                    "validation data")] = 0.0,
+    lambda2: Annotated[float | Literal["auto"], Field(
+        description="λ2, scale of the merged orthogonal subspace; auto = 1/(1 - σ), σ the "
+                    "largest share of a task's L1 mass removed by the trim")] = "auto",
+    lambda_point: Annotated[float | None, Field(
+        description="scale of point tensors (1-D/0-D: biases, norms), merged by plain TIES; "
+                    "null = the value of lambda2")] = None,
+    rank_threshold: Annotated[float, Field(
+        gt=0, le=1, description="ρ: keep the leading per-neuron SVD directions whose cumulative "
+                                "S² share reaches ρ (1 keeps all)")] = 1.0,
+    orthogonal_merge: Annotated[Literal["svd", "ties"], Field(
+        description="svd: TIES in each neuron's SVD frame; ties: element-wise TIES on the "
+                    "orthogonal parts (ablation)")] = "svd",
+    compat: Annotated[Literal["spec", "official"], Field(
+        description="official reproduces the released code's quirks (unit-vector parallel "
+                    "part, point tensors scaled by (λ1+λ2)/2) for side-by-side checks")] = "spec",
+    ctx: TensorContext = TensorContext(),
+) -> torch.Tensor:
+    """Neuron-subspace merging: θ = θ0 + λ1 · P + λ2 · O for neuronal tensors.
+
+    Each trimmed task-vector row τtᵏ splits into c_tᵏ · w0ᵏ (parallel to the pretrained neuron)
+    and τ⊥ = τtᵏ − c_tᵏ w0ᵏ. P merges the c by TIES elect + disjoint mean; O merges the τ⊥ by
+    TIES in each neuron's SVD frame. Point tensors: θ0 + λ_point · TIES(τ̂)."""
+    tv = trim(task_vectors(base, tensors, base.dtype), density, ctx.thresholds)
+    official = compat == "official"
+    if ctx.resolved_kind(base) == "point":
+        scale = (lambda1 + lambda2) / 2 if official else lambda_point
+        return base + scale * ties_merge(tv)
+    rows = base.shape[0]
+    delta = merge_neurons(
+        base.reshape(rows, -1), tv.reshape(tv.shape[0], rows, -1), lambda1=lambda1,
+        lambda2=lambda2, rank_threshold=rank_threshold, orthogonal_merge=orthogonal_merge,
+        unit_parallel=official,
+    )
+    return base + delta.reshape(base.shape).to(base.dtype)

@@ -1,0 +1,28 @@
+"""Parameter types shared by several methods: declared once, with bounds and the text that
+``neuromerge methods`` and docs/methods.md show."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+Density = Annotated[float, Field(
+    gt=0, le=1,
+    description="fraction of each task vector's entries kept by the magnitude trim "
+                "(1 keeps all; TIES' k = ceil(density * N))",
+)]
+TrimScope = Annotated[Literal["global", "tensor"], Field(
+    description="global: one threshold per task over all merged tensors of the model "
+                "(TIES paper, NeuroMerging code); tensor: each tensor trimmed on its own "
+                "(mergekit's TIES)",
+)]
+DropRate = Annotated[float, Field(
+    ge=0, lt=1, description="probability p of dropping each task-vector entry (DARE); "
+                            "survivors are rescaled by 1/(1-p)",
+)]
+Seed = Annotated[int, Field(
+    ge=0, description="seed of the random drop; each model gets its own stream derived from it "
+                      "and the model's path (or its per-model `seed`), so order does not matter",
+)]
+

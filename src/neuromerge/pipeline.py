@@ -1,0 +1,130 @@
+"""``neuromerge merge``: a config in, a ready-to-load HF model folder out."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from neuromerge import __version__
+from neuromerge.config import MergeConfig, config_from_dict, load_config
+from neuromerge.engine import MergeResult, TensorPlan, log, run
+from neuromerge.errors import ConfigError, OutputError
+from neuromerge.io.card import input_record, model_card
+from neuromerge.io.model_folder import copy_support_files
+from neuromerge.io.reader import CheckpointReader, open_checkpoint
+from neuromerge.io.writer import OutputFolder, ShardedSafetensorsWriter, parse_size
+
+
+def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
+          out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu",
+          progress: bool = True, max_shard_size: str | int | None = None,
+          overrides: Mapping[str, Any] | None = None) -> MergeResult:
+    """Merge the models a config names and write an HF model folder to ``out_dir``.
+
+    ``config`` is a :class:`MergeConfig`, a dict of the YAML's content, or a YAML path.
+    The folder is written next to ``out_dir`` under a temporary name and renamed into place only
+    when complete; an existing ``out_dir`` is replaced only with ``force``.
+    """
+    if isinstance(config, MergeConfig):
+        cfg = config
+    elif isinstance(config, Mapping):
+        cfg = config_from_dict(dict(config))
+    else:
+        cfg = load_config(config)
+    if overrides:
+        cfg = cfg.with_overrides(dict(overrides))
+    method = cfg.method
+    params = cfg.validated_parameters()
+    shard_size = parse_size(max_shard_size if max_shard_size is not None else cfg.max_shard_size)
+    out = Path(out_dir)
+
+    base_path = cfg.resolve_path(cfg.base_model)
+    expert_paths = [cfg.resolve_path(e.model) for e in cfg.models]
+    _refuse_overlap(out, [base_path, *expert_paths])
+    folder = OutputFolder(out, force=force)  # refuses an existing output before any work
+
+    with contextlib.ExitStack() as stack:
+        base = open_checkpoint(base_path)
+        stack.callback(base.close)
+        experts: list[CheckpointReader] = []
+        for p in expert_paths:
+            experts.append(open_checkpoint(p))
+            stack.callback(experts[-1].close)
+        log.info("merging %d models into %s with %s", len(experts), out, method.name)
+        tmp = stack.enter_context(folder)
+        writer: list[ShardedSafetensorsWriter] = []
+
+        def sink_factory(plan: list[TensorPlan]) -> ShardedSafetensorsWriter:
+            writer.append(ShardedSafetensorsWriter(
+                tmp, [(p.name, _out_meta(p)) for p in plan], shard_size))
+            return writer[0]
+
+        result = run(base, experts, method, params, sink_factory,
+                     model_keys=[e.model for e in cfg.models],
+                     per_model=[e.parameters for e in cfg.models],
+                     tensor_class=cfg.tensor_class, missing_tensors=cfg.missing_tensors,
+                     dtype=cfg.dtype, out_dtype=cfg.out_dtype, device=device,
+                     progress=progress)
+        writer[0].close()
+        copy_support_files(base_path, tmp, out_dtype=cfg.out_dtype)
+        as_given = cfg.model_dump(exclude_defaults=False)
+        inputs = [input_record("base", cfg.base_model, base)] + [
+            input_record(f"expert {i + 1}", e.model, r)
+            for i, (e, r) in enumerate(zip(cfg.models, experts, strict=True))]
+        (tmp / "README.md").write_text(model_card(
+            version=__version__, method=method, config=as_given, inputs=inputs, result=result))
+        _write_record(tmp, as_given, result, writer[0])
+    result.output = out
+    log.info("wrote %s (%d shard%s, %.2f GB) in %.1f s", out, len(writer[0].filenames),
+             "" if len(writer[0].filenames) == 1 else "s", writer[0].total_size / 1e9,
+             result.seconds["total"])
+    return result
+
+
+def _out_meta(p: TensorPlan) -> Any:
+    from neuromerge.io.reader import TensorMeta
+
+    return TensorMeta(p.meta.shape, p.out_dtype)
+
+
+def _refuse_overlap(out: Path, inputs: list[Path]) -> None:
+    """An output inside an input (or the reverse) could destroy an input with --force."""
+    o = out.resolve()
+    for p in inputs:
+        r = p.resolve()
+        folder = r if r.is_dir() else r.parent
+        if o in (folder, r) or folder in o.parents or o in r.parents:
+            raise OutputError(f"{out}: output would overlap the input {p}; choose another folder")
+
+
+def _write_record(folder: Path, config: Mapping[str, Any], result: MergeResult,
+                  writer: ShardedSafetensorsWriter) -> None:
+    """Machine-readable twins of the card: the config with resolved parameters, and the stats."""
+    resolved = dict(config)
+    resolved["parameters"] = result.params
+    (folder / "neuromerge_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    stats = result.stats
+    record = {
+        "neuromerge_version": __version__,
+        "method": result.method,
+        "parameters": result.params,
+        "models": result.model_names,
+        "trim": None if stats is None else {
+            "scope": stats.scope, "density": stats.density, "n_entries": stats.n_entries,
+            "k": stats.k, "thresholds": stats.thresholds, "sigma": stats.sigma,
+            "l1_total": stats.l1_total, "l1_kept": stats.l1_kept},
+        "tensors": result.counts,
+        "shards": writer.filenames,
+        "seconds": result.seconds,
+        "bytes_read": result.bytes_read,
+    }
+    (folder / "neuromerge_result.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+__all__ = ["ConfigError", "merge"]
