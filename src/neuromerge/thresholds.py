@@ -14,6 +14,7 @@ import torch
 
 _COARSE_BINS = 1 << 15  # sign bit is 0 for magnitudes
 _FINE_BINS = 1 << 16
+_CHUNK = 1 << 22  # entries histogrammed at a time
 
 
 class MagnitudeSelect:
@@ -34,17 +35,14 @@ class MagnitudeSelect:
         self._fine_sums: torch.Tensor | None = None
         self._above_l1 = 0.0
 
-    @staticmethod
-    def _bits(mags: torch.Tensor) -> torch.Tensor:
-        return mags.reshape(-1).to(torch.float32).contiguous().view(torch.int32)
-
     def add(self, mags: torch.Tensor) -> None:
-        bits = self._bits(mags)
-        coarse = (bits >> 16).to(torch.int64)
-        self.counts += torch.bincount(coarse, minlength=_COARSE_BINS)
-        self.sums += torch.bincount(coarse, weights=mags.reshape(-1).to(torch.float64),
-                                    minlength=_COARSE_BINS)
-        self.n += bits.numel()
+        flat = mags.reshape(-1).to(torch.float32)
+        for chunk in flat.split(_CHUNK):  # bounded temporaries whatever the tensor size
+            coarse = chunk.contiguous().view(torch.int32) >> 16
+            self.counts += torch.bincount(coarse, minlength=_COARSE_BINS)
+            self.sums += torch.bincount(coarse, weights=chunk.to(torch.float64),
+                                        minlength=_COARSE_BINS)
+        self.n += flat.numel()
 
     @property
     def total_l1(self) -> float:
@@ -65,14 +63,16 @@ class MagnitudeSelect:
 
     def refine(self, mags: torch.Tensor) -> None:
         assert self._fine_counts is not None and self._fine_sums is not None, "call locate first"
-        bits = self._bits(mags)
-        sel = (bits >> 16) == self._bin
-        if not bool(sel.any()):
-            return
-        low = (bits[sel] & 0xFFFF).to(torch.int64)
-        vals = mags.reshape(-1)[sel].to(torch.float64)
-        self._fine_counts += torch.bincount(low, minlength=_FINE_BINS)
-        self._fine_sums += torch.bincount(low, weights=vals, minlength=_FINE_BINS)
+        flat = mags.reshape(-1).to(torch.float32)
+        for chunk in flat.split(_CHUNK):
+            bits = chunk.contiguous().view(torch.int32)
+            sel = (bits >> 16) == self._bin
+            if not bool(sel.any()):
+                continue
+            low = bits[sel] & 0xFFFF
+            self._fine_counts += torch.bincount(low, minlength=_FINE_BINS)
+            self._fine_sums += torch.bincount(low, weights=chunk[sel].to(torch.float64),
+                                              minlength=_FINE_BINS)
 
     def result(self) -> tuple[float, float]:
         """(threshold, kept_l1): the exact k-th largest value and the sum of all values ≥ it."""

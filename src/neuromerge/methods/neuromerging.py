@@ -21,7 +21,7 @@ DIRECTION_RTOL = 1e-6
 # exactly parallel update, and coordinates this small relative to s_max are rounding of zeros.
 RESIDUE_RTOL = 1e-10
 # Row blocks keep the float64 per-neuron work within this many bytes, whatever the tensor size.
-BLOCK_BYTES = 64 << 20
+BLOCK_BYTES = 16 << 20
 
 
 def split_neurons(w0: torch.Tensor, tv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +43,8 @@ def neuron_coefficients(w0: torch.Tensor, tv: torch.Tensor) -> torch.Tensor:
 def merge_orthogonal_svd(orth: torch.Tensor, rank_threshold: float = 1.0) -> torch.Tensor:
     """TIES in each neuron's SVD frame. ``orth``: (T, m, n) orthogonal parts; returns (m, n).
 
-    Per row: M = U S Vᵀ (T × n); coordinates A = M V = U S; s_j = sign(Σt A_tj) (0 → +);
+    Per row: M = U S Vᵀ (T × n); coordinates A = M V = U S; s_j = sign(Σt A_tj) (0 → +, with
+    each direction's sign fixed so its largest |u_tj| is positive);
     ā_j = mean of the non-zero A_tj with sign s_j; O = Σj ā_j v_j = Mᵀ U diag(ā / S).
     Computed for all rows at once from the T × T Gram matrices M Mᵀ = U S² Uᵀ (batched eigh).
     With ``rank_threshold`` ρ < 1 only the leading directions whose cumulative S² share first
@@ -52,6 +53,10 @@ def merge_orthogonal_svd(orth: torch.Tensor, rank_threshold: float = 1.0) -> tor
     gram = m_rows @ m_rows.transpose(1, 2)
     evals, u = torch.linalg.eigh(gram)
     evals, u = evals.flip(-1), u.flip(-1)  # descending singular values
+    # Fix each direction's sign (largest |u_tj| positive, first on ties): the result then does
+    # not depend on the eigensolver's choice even where a coordinate sum is exactly 0.
+    pivot = u.abs().argmax(dim=1, keepdim=True)
+    u = u * torch.sign(torch.gather(u, 1, pivot)).clamp(min=0).mul(2).sub(1)
     s = evals.clamp(min=0).sqrt()  # (m, r)
     s_max = s[:, :1]
     keep = s > DIRECTION_RTOL * s_max
@@ -91,11 +96,12 @@ def merge_neurons(w0: torch.Tensor, tv: torch.Tensor, *, lambda1: float, lambda2
         whole_orth_sum = float(tv.sum(dtype=torch.float64) - (c.sum(0) * w0.sum(-1)).sum())
     ortho = torch.empty((m, n), dtype=torch.float64, device=tv.device)
     for b in blocks:
-        tvb = tv[:, b].to(torch.float64)
-        orth = tvb - c[:, b].unsqueeze(-1) * w0[b]
+        orth = tv[:, b].to(torch.float64)
+        row_norms = orth.norm(dim=-1)
+        orth -= c[:, b].unsqueeze(-1) * w0[b]
         # An exactly parallel update leaves a rounding residue, not an orthogonal part.
-        residue = orth.norm(dim=-1) <= RESIDUE_RTOL * tvb.norm(dim=-1)
-        orth = torch.where(residue.unsqueeze(-1), torch.zeros_like(orth), orth)
+        residue = orth.norm(dim=-1) <= RESIDUE_RTOL * row_norms
+        orth.masked_fill_(residue.unsqueeze(-1), 0.0)
         if orthogonal_merge == "svd":
             ortho[b] = merge_orthogonal_svd(orth, rank_threshold)
         else:
@@ -162,7 +168,8 @@ def neuromerging(
     Each trimmed task-vector row τtᵏ splits into c_tᵏ · w0ᵏ (parallel to the pretrained neuron)
     and τ⊥ = τtᵏ − c_tᵏ w0ᵏ. P merges the c by TIES elect + disjoint mean; O merges the τ⊥ by
     TIES in each neuron's SVD frame. Point tensors: θ0 + λ_point · TIES(τ̂)."""
-    tv = trim(task_vectors(base, tensors, base.dtype), density, ctx.thresholds)
+    tv = trim(task_vectors(base, tensors, base.dtype), density, ctx.thresholds,
+              inplace=True)
     official = compat == "official"
     if ctx.resolved_kind(base) == "point":
         scale = (lambda1 + lambda2) / 2 if official else lambda_point

@@ -26,5 +26,6 @@ def ties(
     τ̂t = trim(τt) keeps the top-density magnitudes of each task; s = sign(Σt τ̂t) element-wise
     (a zero sum takes the sign of the whole tensor's sum, then +); τ̄ is the mean of the non-zero
     τ̂t entries whose sign is s."""
-    tv = trim(task_vectors(base, tensors, base.dtype), density, ctx.thresholds)
+    tv = trim(task_vectors(base, tensors, base.dtype), density, ctx.thresholds,
+              inplace=True)
     return base + scale * ties_merge(tv)

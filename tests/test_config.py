@@ -1,0 +1,100 @@
+"""The YAML config: validated keys and values, one-line errors, path resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from neuromerge.config import config_from_dict, load_config
+from neuromerge.errors import ConfigError, InputError
+
+MINIMAL = "merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n  - b\n"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "merge.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_minimal_config_and_shorthand_models(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.merge_method == "ties" and [m.model for m in cfg.models] == ["a", "b"]
+    assert cfg.dtype == "float32" and cfg.out_dtype is None and cfg.max_shard_size == "5GB"
+    assert cfg.validated_parameters() == {"density": 0.2, "trim_scope": "global",
+                                          "scale": 1.0}
+
+
+@pytest.mark.parametrize(("text", "pattern"), [
+    (MINIMAL + "extra_key: 1\n", "unknown key 'extra_key'"),
+    ("merge_method: ties\nmodels: [a]\n", "missing required key 'base_model'"),
+    (MINIMAL + "dtype: int8\n", "dtype"),
+    (MINIMAL.replace("  - b\n", "") + "  - {model: c, weight: 2}\n",
+     "unknown key 'models.1.weight'"),
+    ("merge_method: ties\nbase_model: base\nmodels: []\n", "models"),
+    ("- just\n- a list\n", "expected a mapping"),
+    ("merge_method: ties\n  base_model: [\n", "YAML error at line"),
+])
+def test_bad_configs_give_one_line_errors(tmp_path: Path, text: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern) as err:
+        load_config(write(tmp_path, text))
+    assert "\n" not in str(err.value)
+    assert str(tmp_path / "merge.yaml") in str(err.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_method_parameters_are_validated(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL + "parameters: {density: 2}\n"))
+    with pytest.raises(ConfigError, match=r"density"):
+        cfg.validated_parameters()
+    cfg = load_config(write(tmp_path, MINIMAL + "parameters: {lambda2: 1}\n"))
+    with pytest.raises(ConfigError, match=r"unknown parameter 'lambda2' for method 'ties'"):
+        cfg.validated_parameters()
+
+
+def test_per_model_parameters(tmp_path: Path) -> None:
+    text = ("merge_method: dare_ties\nbase_model: b\n"
+            "models:\n  - {model: a, parameters: {seed: 3}}\n")
+    assert load_config(write(tmp_path, text)).validated_parameters()["drop_rate"] == 0.5
+    bad = text.replace("seed: 3", "weight: 3")
+    with pytest.raises(ConfigError,
+                       match=r"models\[0\].parameters: .*per-model parameter 'weight'"):
+        load_config(write(tmp_path, bad)).validated_parameters()
+    bad_seed = text.replace("seed: 3", "seed: -1")
+    with pytest.raises(ConfigError, match=r"models\[0\].parameters.seed"):
+        load_config(write(tmp_path, bad_seed)).validated_parameters()
+
+
+def test_overrides_update_parameters(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL + "parameters: {density: 0.3}\n"))
+    new = cfg.with_overrides({"scale": 0.5})
+    assert new.parameters == {"density": 0.3, "scale": 0.5}
+    assert cfg.parameters == {"density": 0.3}
+
+
+def test_relative_paths_cwd_then_config_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                               ) -> None:
+    (tmp_path / "cfgdir").mkdir()
+    (tmp_path / "cfgdir" / "base").mkdir()
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "a").mkdir()
+    cfg_path = tmp_path / "cfgdir" / "merge.yaml"
+    cfg_path.write_text(MINIMAL)
+    monkeypatch.chdir(tmp_path / "cwd")
+    cfg = load_config(cfg_path)
+    assert cfg.resolve_path("a") == Path("a")  # found in the current directory
+    assert cfg.resolve_path("base") == tmp_path / "cfgdir" / "base"  # found beside the config
+    with pytest.raises(InputError, match=r"b: no such file or folder"):
+        cfg.resolve_path("b")
+
+
+def test_config_from_dict() -> None:
+    cfg = config_from_dict({"merge_method": "average", "base_model": "x", "models": ["y"]})
+    assert cfg.method.name == "average"
+    with pytest.raises(ConfigError, match=r"unknown merge_method"):
+        _ = config_from_dict({"merge_method": "nope", "base_model": "x", "models": ["y"]}).method

@@ -1,0 +1,74 @@
+"""The streaming radix select gives the exact k-th largest magnitude, checked by a full sort."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from neuromerge.thresholds import MagnitudeSelect
+
+
+def select(chunks: list[torch.Tensor], k: int) -> tuple[float, float, float]:
+    s = MagnitudeSelect()
+    for c in chunks:
+        s.add(c)
+    s.locate(k)
+    for c in chunks:
+        s.refine(c)
+    h, kept = s.result()
+    return h, kept, s.total_l1
+
+
+def reference(chunks: list[torch.Tensor], k: int) -> tuple[float, float, float]:
+    allv = np.concatenate([c.numpy().ravel() for c in chunks]).astype(np.float64)
+    h = float(np.sort(allv)[::-1][k - 1])
+    return h, float(allv[allv >= h].sum()), float(allv.sum())
+
+
+@given(
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=5),
+    seed=st.integers(0, 2**31 - 1),
+    frac=st.floats(0.0, 1.0),
+    repeats=st.booleans(),
+)
+def test_matches_full_sort(sizes: list[int], seed: int, frac: float, repeats: bool) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    chunks = [torch.randn(n, generator=gen).abs() * 10 ** float(torch.randn(1, generator=gen))
+              for n in sizes]
+    if repeats:  # many exact ties and zeros
+        chunks = [torch.round(c * 4) / 4 for c in chunks]
+    n = sum(sizes)
+    if n == 0:
+        return
+    k = max(1, min(n, int(frac * n) + 1))
+    h, kept, total = select(chunks, k)
+    rh, rkept, rtotal = reference(chunks, k)
+    assert h == rh
+    assert kept == pytest.approx(rkept, rel=1e-12, abs=1e-300)
+    assert total == pytest.approx(rtotal, rel=1e-12, abs=1e-300)
+
+
+def test_extreme_values_and_subnormals() -> None:
+    c = torch.tensor([0.0, 1e-45, 1e-40, 3.4e38, 1.0, 1.0000001, 0.0], dtype=torch.float32)
+    for k in range(1, c.numel() + 1):
+        assert select([c], k)[0] == reference([c], k)[0]
+
+
+def test_values_in_one_coarse_bin_are_refined_exactly() -> None:
+    # 1.0 + i ulps share the top 16 bits: only the fine pass separates them
+    base = torch.tensor([1.0], dtype=torch.float32).view(torch.int32)
+    c = (base + torch.arange(100, dtype=torch.int32)).view(torch.float32)
+    for k in (1, 17, 100):
+        assert select([c[torch.randperm(100)]], k)[0] == float(c[100 - k])
+
+
+def test_bad_k() -> None:
+    s = MagnitudeSelect()
+    s.add(torch.ones(3))
+    with pytest.raises(ValueError):
+        s.locate(4)
+    with pytest.raises(ValueError):
+        s.locate(0)
