@@ -98,3 +98,12 @@ def test_config_from_dict() -> None:
     assert cfg.method.name == "average"
     with pytest.raises(ConfigError, match=r"unknown merge_method"):
         _ = config_from_dict({"merge_method": "nope", "base_model": "x", "models": ["y"]}).method
+
+
+def test_parameter_errors_name_the_config_file(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "parameters: {density: 2}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: parameters.density"):
+        load_config(path).validated_parameters()
+    path = write(tmp_path, MINIMAL.replace("ties", "tie"))
+    with pytest.raises(ConfigError, match=rf"^{path}: unknown merge_method 'tie'"):
+        _ = load_config(path).method

@@ -175,3 +175,14 @@ def test_result_reports_counts_and_timings() -> None:
     assert r.counts == {"neuronal": 2, "point": 2, "copy": 1}
     assert r.seconds["total"] >= r.seconds["merge"] > 0
     assert r.bytes_read > 0
+
+
+def test_copied_tensors_are_checked_and_never_alias_the_input() -> None:
+    base, experts = family()
+    out = merge_state_dicts(base, experts, "average").state_dict
+    assert torch.equal(out["position_ids"], base["position_ids"])
+    out["position_ids"][0] = 99
+    assert base["position_ids"][0] == 0
+    base["emb.weight"][0, 0] = float("nan")
+    with pytest.raises(InputError, match=r"base: tensor 'emb.weight' contains NaN"):
+        merge_state_dicts(base, experts, "average", tensor_class={"emb.*": "copy"})

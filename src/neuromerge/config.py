@@ -3,7 +3,9 @@ the method's own parameters checked against its registered signature."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +53,7 @@ class MergeConfig(BaseModel):
     max_shard_size: str | int = Field("5GB", description="largest output shard, e.g. 5GB")
 
     _root: Path | None = PrivateAttr(default=None)
+    _source: str | None = PrivateAttr(default=None)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -62,21 +65,32 @@ class MergeConfig(BaseModel):
 
     @property
     def method(self) -> MergeMethod:
-        return get_method(self.merge_method)
+        with self._blame():
+            return get_method(self.merge_method)
 
     def validated_parameters(self) -> dict[str, Any]:
         """The method's full parameter set, defaults filled; raises ConfigError."""
         method = self.method
-        params = method.validate(self.parameters)
-        for i, entry in enumerate(self.models):
-            extra = sorted(set(entry.parameters) - set(method.per_model_params))
-            if extra:
-                allowed = ", ".join(method.per_model_params) or "none"
-                raise ConfigError(f"models[{i}].parameters: {method.name!r} takes no per-model "
-                                  f"parameter {extra[0]!r} (per-model: {allowed})")
-            method.validate({k: v for k, v in entry.parameters.items()},
-                            where=f"models[{i}].parameters")
+        with self._blame():
+            params = method.validate(self.parameters)
+            for i, entry in enumerate(self.models):
+                extra = sorted(set(entry.parameters) - set(method.per_model_params))
+                if extra:
+                    allowed = ", ".join(method.per_model_params) or "none"
+                    raise ConfigError(f"models[{i}].parameters: {method.name!r} takes no "
+                                      f"per-model parameter {extra[0]!r} (per-model: {allowed})")
+                method.validate(dict(entry.parameters), where=f"models[{i}].parameters")
         return params
+
+    @contextlib.contextmanager
+    def _blame(self) -> Iterator[None]:
+        """Prefix errors with the config file they come from."""
+        try:
+            yield
+        except ConfigError as exc:
+            if self._source is None:
+                raise
+            raise ConfigError(f"{self._source}: {exc}") from None
 
     def resolve_path(self, value: str) -> Path:
         p = Path(os.path.expanduser(value))
@@ -91,7 +105,7 @@ class MergeConfig(BaseModel):
     def with_overrides(self, overrides: dict[str, Any]) -> MergeConfig:
         """A copy whose ``parameters`` are updated with ``overrides`` (command-line -p)."""
         new = self.model_copy(update={"parameters": {**self.parameters, **overrides}})
-        new._root = self._root
+        new._root, new._source = self._root, self._source
         return new
 
 
@@ -104,6 +118,7 @@ def config_from_dict(data: Any, *, source: str = "config", root: Path | None = N
     except ValidationError as exc:
         raise ConfigError(_config_error(exc, source)) from None
     cfg._root = root
+    cfg._source = source if source != "config" else None
     return cfg
 
 

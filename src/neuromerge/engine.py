@@ -189,6 +189,9 @@ class _Inputs:
             self._checked.add(key)
         return t.to(self.device)
 
+    def base_tensor_as_stored(self, name: str) -> torch.Tensor:
+        return self._read(self.base, name).cpu()
+
     def base_tensor(self, name: str) -> torch.Tensor:
         return self._read(self.base, name).to(self.dtype)
 
@@ -256,11 +259,15 @@ def model_seeds(params: Mapping[str, Any], keys: Sequence[str],
 
 def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: MergeMethod,
         params: Mapping[str, Any], sink_factory: Callable[[list[TensorPlan]], TensorSink], *,
-        model_keys: Sequence[str], per_model: Sequence[Mapping[str, Any]] | None = None,
+        model_keys: Sequence[str], seed_keys: Sequence[str] | None = None,
+        per_model: Sequence[Mapping[str, Any]] | None = None,
         tensor_class: Mapping[str, Kind] | None = None, missing_tensors: str = "error",
         dtype: str | torch.dtype = "float32", out_dtype: str | torch.dtype | None = None,
         device: str | torch.device = "cpu", progress: bool = True) -> MergeResult:
-    """Merge ``experts`` into ``base`` with ``method`` (``params`` already validated)."""
+    """Merge ``experts`` into ``base`` with ``method`` (``params`` already validated).
+
+    ``model_keys`` name the experts in logs and results; ``seed_keys`` (default: the names)
+    identify them for per-model random streams."""
     t0 = time.perf_counter()
     _return_freed_tensors_to_the_os()
     dev = resolve_device(device)
@@ -277,7 +284,7 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                                    scope=params["trim_scope"], progress=progress)
         seconds["stats"] = time.perf_counter() - t1
     resolved = method.resolved(dict(params), stats)
-    seeds = model_seeds(resolved, model_keys, per_model)
+    seeds = model_seeds(resolved, seed_keys or model_keys, per_model)
     thresholds = stats.thresholds if (stats and params.get("trim_scope") == "global") else None
     _log_resolved(method, resolved, stats, plan)
 
@@ -289,7 +296,8 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
         for p in plan:
             bar.set_postfix_str(p.name[-40:], refresh=False)
             if p.kind == "copy":
-                out = base.read(p.name)
+                # a fresh tensor, checked like every input (never the caller's own storage)
+                out = inputs.base_tensor_as_stored(p.name).clone()
             else:
                 ctx = TensorContext(name=p.name, kind=p.kind, thresholds=thresholds,
                                     model_seeds=seeds)

@@ -43,11 +43,18 @@ def tiny_bert(seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 4,
 
 
 def save_tokenizer(folder: Path) -> None:
+    """A WordPiece tokenizer over the example vocabulary, saved as HF tokenizer files."""
+    import inspect
+
     tf = _require_transformers()
     folder.mkdir(parents=True, exist_ok=True)
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(_VOCAB) + "\n")
-    tf.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(str(folder))
+    if "vocab" in inspect.signature(tf.BertTokenizerFast.__init__).parameters:  # transformers 5
+        tok = tf.BertTokenizerFast(vocab={w: i for i, w in enumerate(_VOCAB)})
+    else:
+        tok = tf.BertTokenizerFast(vocab_file=str(vocab))
+    tok.save_pretrained(str(folder))
 
 
 def expert_update(base: dict[str, torch.Tensor], index: int, *, strength: float = 0.05,

@@ -17,7 +17,7 @@ from neuromerge.engine import MergeResult, TensorPlan, log, run
 from neuromerge.errors import ConfigError, OutputError
 from neuromerge.io.card import input_record, model_card
 from neuromerge.io.model_folder import copy_support_files
-from neuromerge.io.reader import CheckpointReader, open_checkpoint
+from neuromerge.io.reader import CheckpointReader, fingerprint, open_checkpoint
 from neuromerge.io.writer import OutputFolder, ShardedSafetensorsWriter, parse_size
 
 
@@ -46,16 +46,19 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
 
     base_path = cfg.resolve_path(cfg.base_model)
     expert_paths = [cfg.resolve_path(e.model) for e in cfg.models]
-    _refuse_overlap(out, [base_path, *expert_paths])
-    folder = OutputFolder(out, force=force)  # refuses an existing output before any work
 
     with contextlib.ExitStack() as stack:
-        base = open_checkpoint(base_path)
+        base = open_checkpoint(base_path)  # headers only: cheap, and errors come early
         stack.callback(base.close)
         experts: list[CheckpointReader] = []
         for p in expert_paths:
             experts.append(open_checkpoint(p))
             stack.callback(experts[-1].close)
+        _refuse_overlap(out, [base_path, *expert_paths])
+        folder = OutputFolder(out, force=force)  # refuses an existing output before any work
+        if base_path.is_file():
+            log.warning("the base is a bare weights file: no config.json or tokenizer to copy, "
+                        "so %s will hold weights only", out)
         log.info("merging %d models into %s with %s", len(experts), out, method.name)
         tmp = stack.enter_context(folder)
         writer: list[ShardedSafetensorsWriter] = []
@@ -65,6 +68,7 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
                 tmp, [(p.name, _out_meta(p)) for p in plan], shard_size))
             return writer[0]
 
+        prints = [fingerprint(r) for r in (base, *experts)]
         result = run(base, experts, method, params, sink_factory,
                      model_keys=[e.model for e in cfg.models],
                      per_model=[e.parameters for e in cfg.models],
@@ -74,9 +78,10 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
         writer[0].close()
         copy_support_files(base_path, tmp, out_dtype=cfg.out_dtype)
         as_given = cfg.model_dump(exclude_defaults=False)
-        inputs = [input_record("base", cfg.base_model, base)] + [
-            input_record(f"expert {i + 1}", e.model, r)
-            for i, (e, r) in enumerate(zip(cfg.models, experts, strict=True))]
+        roles = ["base"] + [f"expert {i + 1}" for i in range(len(experts))]
+        paths = [cfg.base_model] + [e.model for e in cfg.models]
+        inputs = [input_record(role, path, r, fp) for role, path, r, fp in
+                  zip(roles, paths, (base, *experts), prints, strict=True)]
         (tmp / "README.md").write_text(model_card(
             version=__version__, method=method, config=as_given, inputs=inputs, result=result))
         _write_record(tmp, as_given, result, writer[0])
@@ -94,12 +99,13 @@ def _out_meta(p: TensorPlan) -> Any:
 
 
 def _refuse_overlap(out: Path, inputs: list[Path]) -> None:
-    """An output inside an input (or the reverse) could destroy an input with --force."""
+    """With --force the output folder is replaced: it must not be, contain, or sit inside an
+    input folder, nor contain an input file."""
     o = out.resolve()
     for p in inputs:
         r = p.resolve()
-        folder = r if r.is_dir() else r.parent
-        if o in (folder, r) or folder in o.parents or o in r.parents:
+        inside_input_folder = r.is_dir() and r in o.parents
+        if o == r or o in r.parents or inside_input_folder:
             raise OutputError(f"{out}: output would overlap the input {p}; choose another folder")
 
 

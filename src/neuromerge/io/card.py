@@ -26,7 +26,7 @@ def _value(v: Any) -> str:
 
 def model_card(*, version: str, method: MergeMethod, config: Mapping[str, Any],
                inputs: Sequence[Mapping[str, Any]], result: Any) -> str:
-    """``inputs``: dicts with role, path, size (bytes), files, header_sha256 (may be empty)."""
+    """``inputs``: dicts with role, path, size (bytes), files, fingerprint (may be empty)."""
     lines = [
         "---",
         "library_name: transformers",
@@ -43,13 +43,15 @@ def model_card(*, version: str, method: MergeMethod, config: Mapping[str, Any],
         "",
         "## Inputs",
         "",
-        "| role | path | size | files | safetensors header sha256 |",
+        "| role | path | size | files | fingerprint |",
         "|---|---|---|---|---|",
     ]
     for inp in inputs:
         lines.append(f"| {inp['role']} | `{inp['path']}` | {_size(inp['size'])} | "
-                     f"{inp['files']} | {inp.get('header_sha256') or '-'} |")
-    lines += ["", "## Parameters (as resolved)", "", "| parameter | value | given |",
+                     f"{inp['files']} | {inp.get('fingerprint') or '-'} |")
+    lines += ["", "Fingerprint: sha256 over each file's size and first and last MiB "
+              "(identifies a checkpoint without reading it all again).",
+              "", "## Parameters (as resolved)", "", "| parameter | value | given |",
               "|---|---|---|"]
     given = config.get("parameters", {}) or {}
     for k, v in result.params.items():
@@ -89,8 +91,8 @@ def model_card(*, version: str, method: MergeMethod, config: Mapping[str, Any],
     return "\n".join(lines)
 
 
-def input_record(role: str, path: str, reader: Any) -> dict[str, Any]:
+def input_record(role: str, path: str, reader: Any, fingerprint: str) -> dict[str, Any]:
     files = reader.files()
     size = sum(Path(f).stat().st_size for f in files)
-    sha = reader.header_sha256() if hasattr(reader, "header_sha256") else ""
-    return {"role": role, "path": path, "size": size, "files": len(files), "header_sha256": sha}
+    return {"role": role, "path": path, "size": size, "files": len(files),
+            "fingerprint": fingerprint}

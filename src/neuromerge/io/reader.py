@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -76,7 +78,6 @@ class SafetensorsFile:
             raise InputError(f"{path}: corrupt safetensors header ({exc})") from None
         if not isinstance(header, dict):
             raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
-        self.header_sha256 = hashlib.sha256(header_bytes).hexdigest()
         self.metadata = header.pop("__metadata__", None) or {}
         self._data_start = 8 + hlen
         data_len = size - self._data_start
@@ -164,38 +165,29 @@ class SafetensorsReader:
     def files(self) -> list[Path]:
         return [f.path for f in self._files.values()]
 
-    def header_sha256(self) -> str:
-        h = hashlib.sha256()
-        for f in self._files.values():
-            h.update(f.header_sha256.encode())
-        return h.hexdigest()
-
     def close(self) -> None:
         for f in self._files.values():
             f.close()
 
 
 class TorchBinReader:
-    """``pytorch_model.bin`` (or its shards), loaded with ``weights_only=True`` and mmap."""
+    """``pytorch_model.bin`` (or its shards), loaded with ``weights_only=True`` (mmap'd when the
+    file is in the zip format, read whole for the legacy format)."""
 
     def __init__(self, source: str, files: Iterable[Path]) -> None:
         self.source = source
         self._paths = list(files)
         self._tensors: dict[str, torch.Tensor] = {}
         for path in self._paths:
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:  # torch raises many types for a bad pickle/zip
-                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise InputError(f"{path}: cannot read PyTorch checkpoint ({msg})") from None
+            sd = _torch_load(path)
             if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
                 sd = sd["state_dict"]
             if not isinstance(sd, dict):
                 raise InputError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
             for name, value in sd.items():
                 if not isinstance(value, torch.Tensor):
-                    raise InputError(f"{path}: entry {name!r} is a {type(value).__name__}, "
-                                     f"not a tensor")
+                    raise InputError(f"{path}: entry {name!r} is not a tensor "
+                                     f"({type(value).__name__})")
                 self._tensors[name] = value
 
     def names(self) -> list[str]:
@@ -213,6 +205,57 @@ class TorchBinReader:
 
     def close(self) -> None:
         self._tensors.clear()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        head = path.open("rb").read(64)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open ({exc.strerror})") from None
+    if head.startswith(b"version https://git-lfs"):
+        raise InputError(f"{path}: a Git LFS pointer, not the weights (run git lfs pull)")
+    zipped = head.startswith(b"PK")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as exc:
+        text = _ANSI.sub("", str(exc))
+        if "weights_only" in text or "Unsupported global" in text:
+            raise InputError(f"{path}: holds objects other than tensors, which weights_only "
+                             f"loading refuses (it could run arbitrary code); convert the "
+                             f"checkpoint to safetensors") from None
+        raise InputError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated "
+                         f"file?)") from None
+    except Exception:  # torch raises many types for a damaged zip or pickle
+        raise InputError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated "
+                         f"file?)") from None
+
+
+def _fingerprint(path: Path, sample: int = 1 << 20) -> str:
+    """sha256 of a file's first and last MiB and its size: cheap, and different for any two
+    real checkpoints (a full hash would read every byte once more)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        h.update(f.read(sample))
+        if size > sample:
+            f.seek(max(sample, size - sample))
+            h.update(f.read(sample))
+    h.update(str(size).encode())
+    return h.hexdigest()
+
+
+def fingerprint(reader: CheckpointReader) -> str:
+    """A short identity of a checkpoint's files (see ``_fingerprint``); '' for in-memory."""
+    files = reader.files()
+    if not files:
+        return ""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(_fingerprint(Path(f)).encode())
+    return h.hexdigest()[:16]
 
 
 class StateDictReader:

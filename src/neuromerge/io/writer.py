@@ -8,6 +8,7 @@ memory holds one output tensor, never a whole shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -142,6 +143,9 @@ class OutputFolder:
         self.tmp = self.target.parent / f".{self.target.name}.neuromerge-tmp-{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> Path:
+        # parents this merge creates are removed again if it fails
+        self._created = [p for p in (self.target.parent, *self.target.parent.parents)
+                         if not p.exists()]
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             self.tmp.mkdir()
@@ -150,11 +154,21 @@ class OutputFolder:
                               ) from None
         return self.tmp
 
+    def _abandon(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        for p in self._created:  # innermost first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._abandon()
             return
+        if self.target.exists() and not self.force:  # appeared while we were merging
+            self._abandon()
+            raise OutputError(f"{self.target}: output folder appeared during the merge (use "
+                              f"--force to replace it)")
         old = None
         if self.target.exists():
             old = self.target.parent / f".{self.target.name}.neuromerge-old-{uuid.uuid4().hex[:8]}"
