@@ -1079,3 +1079,12 @@ def test_console_script_in_a_subprocess(
         f"neuromerge: error: {out}: output folder exists (use --force to replace it)"]
     assert tree_hashes(out) == first
     assert leftovers(tmp_path) == []
+
+
+def test_bench_rejects_an_unknown_method_before_any_work(
+        run_cli: Callable[..., tuple[int, str, str]], tmp_path: Path) -> None:
+    code, out, err = run_cli("bench", "--methods", "ties,nope", "--out", tmp_path / "b",
+                             "--cache", tmp_path / "c")
+    assert code == 1 and out == ""
+    assert err.startswith("neuromerge: error: unknown merge_method 'nope'")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -1,0 +1,1 @@
+"""Benchmark helpers: real text-classification tasks from data in registry packages."""

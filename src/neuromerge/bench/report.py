@@ -1,0 +1,167 @@
+"""Benchmark report: per-task and average accuracy (absolute and normalised by the expert), mean
+± std over seeds, as markdown, CSV and JSON, plus PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _ms(values: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(values: Sequence[float], pct: bool = True) -> str:
+    if not values:
+        return "–"
+    mean, std = _ms(values)
+    k = 100 if pct else 1
+    return f"{k * mean:.1f} ± {k * std:.1f}" if len(values) > 1 else f"{k * mean:.1f}"
+
+
+def summarize(records: Iterable[Mapping[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
+    """Rows keyed by (mode, name): per-task accuracies per seed, their average, and the average
+    of merged/expert ratios per seed."""
+    recs = list(records)
+    expert: dict[tuple[int, str], float] = {}
+    rows: dict[tuple[str, str], dict[str, dict[int, float]]] = defaultdict(
+        lambda: defaultdict(dict))
+    for r in recs:
+        if r["kind"] == "expert":
+            expert[(r["seed"], r["task"])] = r["accuracy"]
+            rows[("reference", "expert (upper bound)")][r["task"]][r["seed"]] = r["accuracy"]
+        elif r["kind"] == "probe":
+            rows[("reference", "linear probe on base (lower bound)")][r["task"]][r["seed"]] = \
+                r["accuracy"]
+        elif r["kind"] == "merge":
+            for t, acc in r["accuracy"].items():
+                rows[(r["mode"], r["method"])][t][r["seed"]] = acc
+    out: dict[str, Any] = {}
+    for (mode, name), per_task in rows.items():
+        seeds = sorted(set.intersection(*(set(per_task[t]) for t in tasks))) \
+            if all(t in per_task for t in tasks) else []
+        avg = [statistics.fmean(per_task[t][s] for t in tasks) for s in seeds]
+        norm = [statistics.fmean(per_task[t][s] / expert[(s, t)] for t in tasks
+                                 if expert.get((s, t))) for s in seeds
+                if all(expert.get((s, t)) for t in tasks)]
+        out[f"{mode}/{name}"] = {
+            "mode": mode, "name": name, "seeds": seeds,
+            "tasks": {t: [per_task[t][s] for s in sorted(per_task[t])] for t in per_task},
+            "average": avg, "normalized": norm,
+        }
+    for r in recs:
+        if r["kind"] == "merge":
+            out[f"{r['mode']}/{r['method']}"].setdefault("params", {})[r["seed"]] = r["params"]
+    return out
+
+
+def markdown_table(summary: Mapping[str, Any], tasks: Sequence[str], mode: str) -> str:
+    head = ["method", *tasks, "avg", "normalized avg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [v for v in summary.values() if v["mode"] == "reference"] + sorted(
+        (v for v in summary.values() if v["mode"] == mode),
+        key=lambda v: -(statistics.fmean(v["average"]) if v["average"] else 0))
+    for v in rows:
+        cells = [v["name"]] + [_fmt(v["tasks"].get(t, [])) for t in tasks] + [
+            _fmt(v["average"]), _fmt(v["normalized"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any], out: Path
+                 ) -> dict[str, Any]:
+    recs = list(records)
+    tasks = list(meta["profile"]["tasks"])
+    summary = summarize(recs, tasks)
+    modes = [m for m in ("default", "tuned") if any(v["mode"] == m for v in summary.values())]
+    parts = [f"# neuromerge bench: profile `{meta['profile']['name']}`", "",
+             f"Accuracy (%) on each task's test split, mean ± std over seeds "
+             f"{list(meta['profile']['seeds'])}; a merged body is scored with each task's own "
+             f"expert head. normalized = merged ÷ expert, averaged over tasks.", ""]
+    titles = {"default": "Without validation (each method's defaults)",
+              "tuned": "With validation (main hyper-parameters chosen on the validation splits)"}
+    for mode in modes:
+        parts += [f"## {titles[mode]}", "", markdown_table(summary, tasks, mode), ""]
+    secs = meta.get("seconds", {})
+    parts += ["## Where the time went", "", "| phase | seconds |", "|---|---|"]
+    parts += [f"| {k} | {v:.0f} |" for k, v in secs.items()]
+    table_md = "\n".join(parts) + "\n"
+    (out / "report.md").write_text(table_md)
+    with (out / "results.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["mode", "method", "seed", "task", "accuracy"])
+        for r in recs:
+            if r["kind"] in ("expert", "probe"):
+                w.writerow(["reference", r["kind"], r["seed"], r["task"], r["accuracy"]])
+            elif r["kind"] == "merge":
+                for t, acc in r["accuracy"].items():
+                    w.writerow([r["mode"], r["method"], r["seed"], t, acc])
+    (out / "summary.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=2,
+                                                 default=str) + "\n")
+    _plots(summary, recs, tasks, modes, out)
+    return {"summary": summary, "markdown": table_md, "meta": meta}
+
+
+def _plots(summary: Mapping[str, Any], recs: Sequence[Mapping[str, Any]], tasks: Sequence[str],
+           modes: Sequence[str], out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional: pip install 'neuromerge[bench]'
+        return
+    for mode in modes:
+        rows = [v for v in summary.values() if v["mode"] in ("reference", mode)]
+        fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(tasks)), 4.5))
+        width = 0.8 / max(1, len(rows))
+        for i, v in enumerate(rows):
+            means = [100 * statistics.fmean(v["tasks"][t]) if v["tasks"].get(t) else 0
+                     for t in tasks]
+            stds = [100 * _ms(v["tasks"][t])[1] if v["tasks"].get(t) else 0 for t in tasks]
+            xs = [j + i * width for j in range(len(tasks))]
+            ax.bar(xs, means, width, yerr=stds, label=v["name"], capsize=2)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=20)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"Per-task accuracy, {mode} hyper-parameters")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / f"accuracy_{mode}.png", dpi=120)
+        plt.close(fig)
+    sweeps = [r for r in recs if r["kind"] == "sweep" and r["method"] == "neuromerging"]
+    if sweeps:
+        # the λ1 × λ2 grid at the density with the best mean validation accuracy
+        by_density: dict[Any, list[Mapping[str, Any]]] = defaultdict(list)
+        for r in sweeps:
+            by_density[r["fixed"].get("density")].append(r)
+        score = {d: max(statistics.fmean(r["accuracy"].values()) for r in rs)
+                 for d, rs in by_density.items()}
+        best = max(score, key=lambda d: score[d])
+        cells: dict[tuple[float, float], list[float]] = defaultdict(list)
+        for r in by_density[best]:
+            cells[(r["linear"]["lambda1"], r["linear"]["lambda2"])].append(
+                statistics.fmean(r["accuracy"].values()))
+        l1s = sorted({k[0] for k in cells})
+        l2s = sorted({k[1] for k in cells})
+        grid = [[100 * statistics.fmean(cells[(a, b)]) if (a, b) in cells else float("nan")
+                 for b in l2s] for a in l1s]
+        fig, ax = plt.subplots(figsize=(1.1 * len(l2s) + 2, 0.8 * len(l1s) + 1.5))
+        im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(l2s)), [str(b) for b in l2s])
+        ax.set_yticks(range(len(l1s)), [str(a) for a in l1s])
+        ax.set_xlabel("λ2 (orthogonal subspace)")
+        ax.set_ylabel("λ1 (parallel subspace)")
+        for i, row in enumerate(grid):
+            for j, val in enumerate(row):
+                ax.text(j, i, f"{val:.1f}", ha="center", va="center", color="w", fontsize=8)
+        ax.set_title(f"NeuroMerging mean validation accuracy (%), density {best}")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(out / "neuromerging_lambda_heatmap.png", dpi=120)
+        plt.close(fig)

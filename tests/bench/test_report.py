@@ -1,0 +1,46 @@
+"""The report's numbers, computed by hand from a few records."""
+
+from pathlib import Path
+
+import pytest
+
+from neuromerge.bench.report import markdown_table, summarize, write_report
+
+RECORDS = [
+    {"kind": "expert", "seed": 0, "task": "a", "accuracy": 0.8},
+    {"kind": "expert", "seed": 0, "task": "b", "accuracy": 0.5},
+    {"kind": "expert", "seed": 1, "task": "a", "accuracy": 1.0},
+    {"kind": "expert", "seed": 1, "task": "b", "accuracy": 0.5},
+    {"kind": "probe", "seed": 0, "task": "a", "accuracy": 0.6},
+    {"kind": "probe", "seed": 0, "task": "b", "accuracy": 0.3},
+    {"kind": "probe", "seed": 1, "task": "a", "accuracy": 0.6},
+    {"kind": "probe", "seed": 1, "task": "b", "accuracy": 0.3},
+    {"kind": "merge", "mode": "default", "method": "ties", "seed": 0, "params": {"scale": 1},
+     "accuracy": {"a": 0.4, "b": 0.5}},
+    {"kind": "merge", "mode": "default", "method": "ties", "seed": 1, "params": {"scale": 1},
+     "accuracy": {"a": 0.8, "b": 0.25}},
+]
+
+
+def test_summary_means_and_normalization() -> None:
+    s = summarize(RECORDS, ["a", "b"])
+    ties = s["default/ties"]
+    assert ties["seeds"] == [0, 1]
+    assert ties["average"] == pytest.approx([0.45, 0.525])
+    # seed 0: (0.4/0.8 + 0.5/0.5)/2 = 0.75; seed 1: (0.8/1.0 + 0.25/0.5)/2 = 0.65
+    assert ties["normalized"] == pytest.approx([0.75, 0.65])
+    assert s["reference/expert (upper bound)"]["normalized"] == pytest.approx([1.0, 1.0])
+    table = markdown_table(s, ["a", "b"], "default")
+    # average 48.75 ± std(45, 52.5) = 5.3
+    assert "| ties | 60.0 ± 28.3 | 37.5 ± 17.7 | 48.8 ± 5.3 | 70.0 ± 7.1 |" in table
+
+
+def test_write_report_files(tmp_path: Path) -> None:
+    meta = {"profile": {"name": "t", "tasks": ["a", "b"], "seeds": [0, 1]},
+            "seconds": {"fine-tuning": 3.0}}
+    out = write_report(RECORDS, meta, tmp_path)
+    assert "Without validation" in out["markdown"] and "With validation" not in out["markdown"]
+    assert (tmp_path / "report.md").read_text() == out["markdown"]
+    csv_rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert csv_rows[0] == "mode,method,seed,task,accuracy" and len(csv_rows) == 1 + 8 + 4
+    assert (tmp_path / "accuracy_default.png").stat().st_size > 1000
