@@ -18,7 +18,7 @@ def test_methods_doc_is_generated_from_signatures() -> None:
 def test_readme_opens_with_the_two_commands() -> None:
     readme = (ROOT / "README.md").read_text()
     head = readme[:3000]
-    assert "bash scripts/setup.sh && .venv/bin/neuromerge demo" in head
+    assert "bash scripts/setup.sh && .venv/bin/neuromerge bench " in head
     assert "bash scripts/setup.sh && .venv/bin/python -m pytest" in head
     ci = (ROOT / ".ci" / "run").read_text()
     assert "bash scripts/setup.sh" in ci and "python -m pytest" in ci

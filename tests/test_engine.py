@@ -186,3 +186,18 @@ def test_copied_tensors_are_checked_and_never_alias_the_input() -> None:
     base["emb.weight"][0, 0] = float("nan")
     with pytest.raises(InputError, match=r"base: tensor 'emb.weight' contains NaN"):
         merge_state_dicts(base, experts, "average", tensor_class={"emb.*": "copy"})
+
+
+def test_experts_may_lack_tensors_that_are_copied_from_the_base() -> None:
+    # transformers 5 saves no `position_ids` buffer; a base saved by transformers 4 has one
+    base, experts = family()
+    for e in experts:
+        del e["position_ids"]
+    out = merge_state_dicts(base, experts, "ties").state_dict
+    assert torch.equal(out["position_ids"], base["position_ids"])
+    for e in experts:
+        del e["emb.weight"]
+    with pytest.raises(InputError, match=r"lacks tensor 'emb.weight'"):
+        merge_state_dicts(base, experts, "ties")
+    out = merge_state_dicts(base, experts, "ties", tensor_class={"emb.*": "copy"}).state_dict
+    assert torch.equal(out["emb.weight"], base["emb.weight"])

@@ -103,29 +103,33 @@ def build_plan(base: CheckpointReader, experts: Sequence[CheckpointReader], *,
                tensor_class: Mapping[str, Kind] | None = None,
                missing_tensors: str = "error",
                out_dtype: torch.dtype | None = None) -> list[TensorPlan]:
-    """Check that the experts match the base (names, shapes, float-ness) and classify tensors."""
-    base_names = base.names()
-    base_set = set(base_names)
-    missing: dict[str, str] = {}
+    """Check that the experts match the base (names, shapes, float-ness) and classify tensors.
+
+    Only tensors that are merged must be in every expert: a ``copy`` tensor (non-float buffers
+    such as ``position_ids``, or a ``tensor_class`` override) comes from the base whatever the
+    experts hold, so an expert saved without it (newer transformers drop such buffers) is fine.
+    """
+    base_set = set(base.names())
     for ex in experts:
         extra = [n for n in ex.names() if n not in base_set]
         if extra:
             raise InputError(f"{ex.source}: tensor {extra[0]!r} is not in the base model "
                              f"{base.source} ({len(extra)} such tensors; different architecture?)")
-        have = set(ex.names())
-        for n in base_names:
-            if n not in have:
-                if missing_tensors != "base":
-                    raise InputError(
-                        f"{ex.source}: lacks tensor {n!r} of the base model "
-                        f"(set missing_tensors: base to copy such tensors from the base)")
-                missing.setdefault(n, ex.source)
+    have = [set(ex.names()) for ex in experts]
     plan = []
-    for name in base_names:
+    for name in base.names():
         meta = base.meta(name)
         is_float = meta.dtype.is_floating_point
-        for ex in experts:
-            if name in missing:
+        kind, reason = _classify(name, meta, tensor_class or {})
+        lacking = [ex.source for ex, names in zip(experts, have, strict=True)
+                   if name not in names]
+        if lacking and kind != "copy":
+            if missing_tensors != "base":
+                raise InputError(f"{lacking[0]}: lacks tensor {name!r} of the base model "
+                                 f"(set missing_tensors: base to copy such tensors from the base)")
+            kind, reason = "copy", f"missing in {lacking[0]}"
+        for ex, names in zip(experts, have, strict=True):
+            if name not in names:
                 continue
             em = ex.meta(name)
             if em.shape != meta.shape:
@@ -135,9 +139,6 @@ def build_plan(base: CheckpointReader, experts: Sequence[CheckpointReader], *,
             if is_float and not em.dtype.is_floating_point:
                 raise InputError(f"tensor {name!r}: {dtype_name(em.dtype)} in {ex.source} but "
                                  f"{dtype_name(meta.dtype)} in the base")
-        kind, reason = _classify(name, meta, tensor_class or {})
-        if name in missing:
-            kind, reason = "copy", f"missing in {missing[name]}"
         out = out_dtype if (out_dtype is not None and is_float) else meta.dtype
         plan.append(TensorPlan(name, meta, kind, out, reason))
     return plan

@@ -119,18 +119,19 @@ def _plots(summary: Mapping[str, Any], recs: Sequence[Mapping[str, Any]], tasks:
         return
     for mode in modes:
         rows = [v for v in summary.values() if v["mode"] in ("reference", mode)]
-        fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(tasks)), 4.5))
+        fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(tasks)) + 3, 4.5))
         width = 0.8 / max(1, len(rows))
         for i, v in enumerate(rows):
             means = [100 * statistics.fmean(v["tasks"][t]) if v["tasks"].get(t) else 0
                      for t in tasks]
             stds = [100 * _ms(v["tasks"][t])[1] if v["tasks"].get(t) else 0 for t in tasks]
             xs = [j + i * width for j in range(len(tasks))]
-            ax.bar(xs, means, width, yerr=stds, label=v["name"], capsize=2)
+            ax.bar(xs, means, width, yerr=stds if len(v["average"]) > 1 else None,
+                   label=v["name"], capsize=2)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=20)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"Per-task accuracy, {mode} hyper-parameters")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(out / f"accuracy_{mode}.png", dpi=120)
         plt.close(fig)
