@@ -260,15 +260,14 @@ def model_seeds(params: Mapping[str, Any], keys: Sequence[str],
 
 def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: MergeMethod,
         params: Mapping[str, Any], sink_factory: Callable[[list[TensorPlan]], TensorSink], *,
-        model_keys: Sequence[str], seed_keys: Sequence[str] | None = None,
-        per_model: Sequence[Mapping[str, Any]] | None = None,
+        model_keys: Sequence[str], per_model: Sequence[Mapping[str, Any]] | None = None,
         tensor_class: Mapping[str, Kind] | None = None, missing_tensors: str = "error",
         dtype: str | torch.dtype = "float32", out_dtype: str | torch.dtype | None = None,
         device: str | torch.device = "cpu", progress: bool = True) -> MergeResult:
     """Merge ``experts`` into ``base`` with ``method`` (``params`` already validated).
 
-    ``model_keys`` name the experts in logs and results; ``seed_keys`` (default: the names)
-    identify them for per-model random streams."""
+    ``model_keys`` name the experts in logs and results and identify them for per-model
+    random streams (DARE), so the order of the experts does not matter."""
     t0 = time.perf_counter()
     _return_freed_tensors_to_the_os()
     dev = resolve_device(device)
@@ -285,7 +284,7 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                                    scope=params["trim_scope"], progress=progress)
         seconds["stats"] = time.perf_counter() - t1
     resolved = method.resolved(dict(params), stats)
-    seeds = model_seeds(resolved, seed_keys or model_keys, per_model)
+    seeds = model_seeds(resolved, model_keys, per_model)
     thresholds = stats.thresholds if (stats and params.get("trim_scope") == "global") else None
     _log_resolved(method, resolved, stats, plan)
 

@@ -43,8 +43,7 @@ def magnitudes(tv: torch.Tensor) -> torch.Tensor:
 def kth_largest(mags: torch.Tensor, k: int) -> float:
     """The k-th largest value of a non-negative tensor (k ≥ 1)."""
     flat = mags.reshape(-1)
-    return float(torch.kthvalue(flat.cpu() if flat.device.type == "mps" else flat,
-                                flat.numel() - k + 1).values)
+    return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
 
 
 def trim(tv: torch.Tensor, density: float, thresholds: Sequence[float] | None = None, *,

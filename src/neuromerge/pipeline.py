@@ -14,10 +14,10 @@ import yaml
 from neuromerge import __version__
 from neuromerge.config import MergeConfig, config_from_dict, load_config
 from neuromerge.engine import MergeResult, TensorPlan, log, run
-from neuromerge.errors import ConfigError, OutputError
+from neuromerge.errors import OutputError
 from neuromerge.io.card import input_record, model_card
 from neuromerge.io.model_folder import copy_support_files
-from neuromerge.io.reader import CheckpointReader, fingerprint, open_checkpoint
+from neuromerge.io.reader import CheckpointReader, TensorMeta, fingerprint, open_checkpoint
 from neuromerge.io.writer import OutputFolder, ShardedSafetensorsWriter, parse_size
 
 
@@ -92,9 +92,7 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
     return result
 
 
-def _out_meta(p: TensorPlan) -> Any:
-    from neuromerge.io.reader import TensorMeta
-
+def _out_meta(p: TensorPlan) -> TensorMeta:
     return TensorMeta(p.meta.shape, p.out_dtype)
 
 
@@ -132,5 +130,3 @@ def _write_record(folder: Path, config: Mapping[str, Any], result: MergeResult,
     }
     (folder / "neuromerge_result.json").write_text(json.dumps(record, indent=2) + "\n")
 
-
-__all__ = ["ConfigError", "merge"]
