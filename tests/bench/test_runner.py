@@ -130,3 +130,17 @@ def test_linear_components_recombine_exactly(tiny_base: Path, tmp_path: Path) ->
             assert_close(combined[k], v, rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(combined[k], v)
+
+
+def test_results_survive_a_line_cut_short_by_a_kill(tmp_path: Path) -> None:
+    from neuromerge.bench.runner import Results
+
+    path = tmp_path / "results.jsonl"
+    r = Results(path)
+    r.add({"key": "a", "accuracy": 0.5})
+    with path.open("a") as f:
+        f.write('{"key": "b", "accur')  # killed mid-write
+    again = Results(path)
+    assert set(again.records) == {"a"}
+    again.add({"key": "c", "accuracy": 0.7})
+    assert set(Results(path).records) == {"a", "c"}

@@ -113,9 +113,11 @@ class Results:
         self.records: dict[str, dict[str, Any]] = {}
         if path.exists():
             for line in path.read_text().splitlines():
-                if line.strip():
+                try:
                     rec = json.loads(line)
-                    self.records[rec["key"]] = rec
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a killed run: that evaluation is redone
+                self.records[rec["key"]] = rec
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self.records.get(key)
@@ -123,6 +125,9 @@ class Results:
     def add(self, rec: dict[str, Any]) -> None:
         self.records[rec["key"]] = rec
         with self.path.open("a") as f:
+            # after a cut-short line, start a fresh one so this record stays readable
+            if f.tell() > 0 and not self.path.read_bytes().endswith(b"\n"):
+                f.write("\n")
             f.write(json.dumps(rec) + "\n")
 
 
