@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import lzma
+import os
 import shutil
 import subprocess
 import sys
@@ -437,12 +438,21 @@ def test_apt_get_download_and_its_failures(monkeypatch: pytest.MonkeyPatch,
     calls: list[tuple[list[str], Path]] = []
 
     def fail(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+        if cmd[1] == "update":
+            return subprocess.CompletedProcess(cmd, 0, "", "")
         return subprocess.CompletedProcess(cmd, 100, "", "E: Unable to locate package x\n")
 
     monkeypatch.setattr(subprocess, "run", _fake_run(calls, fail))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # not root: no package-list refresh
     with pytest.raises(NeuromergeError, match=r"r-cran-modeldata.*Unable to locate"):
         load_task("food_review", cache_dir=tmp_path)
-    assert calls == [(["apt-get", "download", "r-cran-modeldata"], tmp_path / "pkgs")]
+    download = (["apt-get", "download", "r-cran-modeldata"], tmp_path / "pkgs")
+    assert calls == [download]
+    calls.clear()
+    monkeypatch.setattr(os, "geteuid", lambda: 0)  # root on a fresh machine: update, retry once
+    with pytest.raises(NeuromergeError, match=r"r-cran-modeldata.*Unable to locate"):
+        load_task("food_review", cache_dir=tmp_path)
+    assert calls == [download, (["apt-get", "update", "-qq"], tmp_path / "pkgs"), download]
 
     def missing(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
         raise FileNotFoundError(2, "No such file or directory", "apt-get")

