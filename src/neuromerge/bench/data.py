@@ -496,11 +496,14 @@ def fetch_archive(source: Source, cache_dir: str | os.PathLike[str] | None = Non
                 f"yourself into {pkgs}")
         try:
             _run(cmd, pkgs, what, hint)
-        except NeuromergeError:
+        except NeuromergeError as first:
             # a fresh machine may have no package lists yet; root can fetch them once
             if not hasattr(os, "geteuid") or os.geteuid() != 0:
                 raise
-            _run(["apt-get", "update", "-qq"], pkgs, "the Debian package lists", hint)
+            try:
+                _run(["apt-get", "update", "-qq"], pkgs, "the Debian package lists", hint)
+            except NeuromergeError:
+                raise first from None  # apt itself is unusable: report the download
             _run(cmd, pkgs, what, hint)
     found = _find_archive(source, pkgs)
     if found is None:
