@@ -1,0 +1,27 @@
+"""Copy a benchmark report into docs/bench/<profile>/ (tables, CSV, plots) for docs/benchmark.md.
+
+    .venv/bin/python scripts/publish_bench.py bench-results/quick
+    .venv/bin/python scripts/publish_bench.py ~/.cache/neuromerge/bench-full
+
+The report is regenerated from results.jsonl first, so the published files match the raw
+records exactly.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from neuromerge.bench.report import write_report
+
+if __name__ == "__main__":
+    src = Path(sys.argv[1]).expanduser()
+    meta = json.loads((src / "summary.json").read_text())["meta"]
+    records = [json.loads(line) for line in (src / "results.jsonl").read_text().splitlines()
+               if line.strip()]
+    write_report(records, meta, src)
+    dest = Path(__file__).resolve().parent.parent / "docs" / "bench" / meta["profile"]["name"]
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ["report.md", "results.csv", *sorted(p.name for p in src.glob("*.png"))]:
+        shutil.copy(src / f, dest / f)
+    print(f"published {src} to {dest}")
