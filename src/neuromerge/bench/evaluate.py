@@ -20,8 +20,12 @@ def load_body(path: Path | None = None, state_dict: dict[str, torch.Tensor] | No
     if state_dict is None:
         return AutoModel.from_pretrained(str(path)).eval()
     model = AutoModel.from_pretrained(str(config_dir)).eval()
+    # Buffers such as position_ids are saved by some transformers versions and not by others.
+    buffers = {name for name, _ in model.named_buffers()}
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+    missing = [k for k in missing if k not in buffers]
+    unexpected = [k for k in unexpected if k not in buffers]
+    if missing or unexpected:
         raise RuntimeError(f"state dict does not fit the body: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
     return model
