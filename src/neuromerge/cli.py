@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "experts and finished evaluations are reused.",
         epilog="profiles:\n  quick  6 tasks, 1 seed, 320 training examples per task, defaults "
                "only (about 10 minutes on 2 cores)\n  full   7 tasks, 3 seeds, 1000 examples, "
-               "defaults and validation sweeps (about 1.5 hours)",
+               "defaults and validation sweeps (about 2 hours)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--profile", choices=("quick", "full"), default="quick")
     b.add_argument("--out", default=None, metavar="DIR",

@@ -84,7 +84,7 @@ def test_benchmark_end_to_end_and_resume(tiny_base: Path, tmp_path: Path) -> Non
     best = max(sweep, key=lambda r: sum(r["accuracy"].values()))
     chosen = next(r for r in recs if r.get("mode") == "tuned" and r["method"] == "ties")
     assert chosen["val_accuracy"] == pytest.approx(sum(best["accuracy"].values()) / 2)
-    assert len(sweep) == 3 * 6
+    assert len(sweep) == len(SWEEPS["ties"]["grid"]) * len(SWEEPS["ties"]["linear"]["scale"])
     default_nm = next(r for r in recs if r.get("mode") == "default"
                       and r["method"] == "neuromerging")
     assert default_nm["params"]["lambda1"] == 0.0 and default_nm["params"]["lambda2"] > 1.0
