@@ -662,12 +662,6 @@ def load_task(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Dat
     return ds
 
 
-def prepare_tasks(names: Iterable[str] | None = None,
-                  cache_dir: str | os.PathLike[str] | None = None) -> dict[str, int]:
-    """Download and parse the given tasks (all by default) now; returns their sizes."""
-    return {n: len(load_task(n, cache_dir)) for n in (TASKS if names is None else names)}
-
-
 # --------------------------------------------------------------------------------------------
 # Splits
 # --------------------------------------------------------------------------------------------
