@@ -20,6 +20,7 @@ _MERGE_EPILOG = """\
 example:
   neuromerge merge merge.yaml ./merged
   neuromerge merge merge.yaml ./merged -p density=0.1 -p lambda2=1.5 --force
+  neuromerge merge merge.yaml ./merged --memory-limit 8GB --device cuda
 
 merge.yaml (close to mergekit's schema):
   merge_method: neuromerging
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest output shard, e.g. 5GB, 500MB (default: the config's, 5GB)")
     m.add_argument("--seed", type=int, default=None,
                    help="seed of randomised methods (DARE); same as -p seed=N")
+    m.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="peak memory of the whole merge, e.g. 4GB: tensors that do not fit are "
+                        "merged in row blocks, with the same result (default: tensors are split "
+                        "only beyond half the memory available)")
+    m.add_argument("--no-read-ahead", dest="read_ahead", action="store_false",
+                   help="do not read the next tensor while merging this one (less memory, "
+                        "slower)")
 
     ms = sub.add_parser("methods", help="list the merge methods and their parameters",
                         description="List registered merge methods with their parameters, "
@@ -169,7 +177,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             log.info("--seed ignored: %s is deterministic", cfg.merge_method)
     result = merge(cfg, args.out_dir, force=args.force, device=args.device,
                    progress=not args.quiet, max_shard_size=args.max_shard_size,
-                   overrides=overrides)
+                   overrides=overrides, memory_limit=args.memory_limit,
+                   read_ahead=args.read_ahead)
     if not args.quiet:
         print(f"merged {len(result.model_names)} models with {result.method} into "
               f"{result.output} in {result.seconds['total']:.1f} s")

@@ -15,8 +15,10 @@ import functools
 import logging
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -62,15 +64,22 @@ class MergeResult:
 
 
 class TensorSink(Protocol):
-    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+    def write(self, name: str, tensor: torch.Tensor, row_start: int | None = None) -> None:
+        """Take a merged tensor, or (``row_start`` given) the next row block of one."""
 
 
 class DictSink:
-    def __init__(self) -> None:
+    def __init__(self, plan: Sequence[TensorPlan] = ()) -> None:
         self.state_dict: dict[str, torch.Tensor] = {}
+        self._shapes = {p.name: p.meta.shape for p in plan}
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        self.state_dict[name] = tensor
+    def write(self, name: str, tensor: torch.Tensor, row_start: int | None = None) -> None:
+        if row_start is None:
+            self.state_dict[name] = tensor
+            return
+        if name not in self.state_dict:
+            self.state_dict[name] = tensor.new_empty(self._shapes[name])
+        self.state_dict[name][row_start:row_start + tensor.shape[0]] = tensor
 
 
 @functools.cache
@@ -171,67 +180,132 @@ def _classify(name: str, meta: TensorMeta, overrides: Mapping[str, Kind]) -> tup
     return ("neuronal" if len(meta.shape) >= 2 else "point"), ""
 
 
+Rows = tuple[int, int] | None  # a row block [start, stop) of a tensor, or None: all of it
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work: a tensor, or a row block of one too large for the memory budget."""
+
+    plan: TensorPlan
+    rows: Rows = None
+
+
+def bytes_per_entry(n_experts: int, in_itemsize: int, cdtype: torch.dtype) -> int:
+    """Peak bytes the engine holds per tensor entry in flight: the inputs as stored for the
+    tensor being merged and the one being read ahead, the task vectors in the compute dtype, and
+    the methods' working copies (NeuroMerging's float64 per-neuron parts are the largest: about
+    six float64 values per entry). Measured peaks stay below this (tests/test_memory.py)."""
+    c = 8 if cdtype == torch.float64 else 4
+    return 2 * (n_experts + 1) * in_itemsize + (n_experts + 1) * c + 48
+
+
+def split_rows(meta: TensorMeta, max_entries: int) -> list[Rows]:
+    """Row blocks of at most ``max_entries`` entries (at least one row each); ``[None]`` when the
+    tensor fits whole."""
+    if meta.numel <= max_entries or len(meta.shape) == 0 or meta.shape[0] <= 1:
+        return [None]
+    row = max(1, meta.numel // meta.shape[0])
+    step = max(1, max_entries // row)
+    n = meta.shape[0]
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
 class _Inputs:
-    """Reads one tensor name across the base and the experts, checking values are finite."""
+    """Reads one tensor (or row block) across the base and the experts, checking values are
+    finite, and reads the next one ahead on a background thread while this one is merged."""
 
     def __init__(self, base: CheckpointReader, experts: Sequence[CheckpointReader],
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, *, read_ahead: bool = True) -> None:
         self.base, self.experts, self.device, self.dtype = base, experts, device, dtype
+        self.read_ahead = read_ahead
         self.bytes_read = 0
-        self._checked: set[tuple[int, str]] = set()
+        self._lock = threading.Lock()
+        self._checked: set[tuple[int, str, Rows]] = set()
 
-    def _read(self, reader: CheckpointReader, name: str) -> torch.Tensor:
-        t = reader.read(name)
-        self.bytes_read += t.numel() * t.element_size()
-        key = (id(reader), name)  # each input is checked once, not once per pass
-        if key not in self._checked and t.dtype.is_floating_point:
+    def _read(self, reader: CheckpointReader, name: str, rows: Rows) -> torch.Tensor:
+        t = reader.read(name) if rows is None else reader.read_rows(name, *rows)
+        key = (id(reader), name, rows)  # each input is checked once, not once per pass
+        with self._lock:
+            self.bytes_read += t.numel() * t.element_size()
+            check = t.dtype.is_floating_point and key not in self._checked
+        if check:
             if not bool(torch.isfinite(t).all()):
                 raise InputError(f"{reader.source}: tensor {name!r} contains NaN or Inf")
-            self._checked.add(key)
-        return t.to(self.device)
+            with self._lock:
+                self._checked.add(key)
+        return t
 
-    def base_tensor_as_stored(self, name: str) -> torch.Tensor:
-        return self._read(self.base, name).cpu()
+    def load(self, unit: Unit) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The base's and every expert's values, as stored, on the CPU."""
+        name, rows = unit.plan.name, unit.rows
+        if unit.plan.kind == "copy":
+            return self._read(self.base, name, rows), []
+        return (self._read(self.base, name, rows),
+                [self._read(ex, name, rows) for ex in self.experts])
 
-    def base_tensor(self, name: str) -> torch.Tensor:
-        return self._read(self.base, name).to(self.dtype)
+    def stream(self, units: Sequence[Unit]) -> Iterator[tuple[Unit, torch.Tensor,
+                                                               list[torch.Tensor]]]:
+        """(unit, base, experts) for each unit in turn, the next one read while this one is used:
+        reading (I/O, and the finite check) overlaps merging, and uses the other core."""
+        if not self.read_ahead or len(units) < 2:
+            for u in units:
+                yield (u, *self.load(u))
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="neuromerge-read") as pool:
+            pending = pool.submit(self.load, units[0])
+            for i, u in enumerate(units):
+                base, experts = pending.result()
+                if i + 1 < len(units):
+                    pending = pool.submit(self.load, units[i + 1])
+                yield u, base, experts
+                del base, experts
 
-    def expert_tensors(self, name: str) -> list[torch.Tensor]:
-        return [self._read(ex, name) for ex in self.experts]
+    def to_compute(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=True).to(self.dtype)
 
-    def task_magnitudes(self, name: str) -> Iterator[tuple[int, torch.Tensor]]:
+    def task_magnitudes(self, base: torch.Tensor, experts: Sequence[torch.Tensor]
+                        ) -> Iterator[tuple[int, torch.Tensor]]:
         """|τt| for each task in turn, holding two tensors at a time (same arithmetic as
         ``kernels.task_vectors`` so thresholds match the merge pass bit for bit)."""
-        b = self.base_tensor(name)
-        for t, ex in enumerate(self.experts):
-            yield t, magnitudes(self._read(ex, name).to(self.dtype) - b)
+        b = self.to_compute(base)
+        for t, ex in enumerate(experts):
+            yield t, magnitudes(self.to_compute(ex) - b)
 
 
-def compute_trim_stats(plan: Sequence[TensorPlan], inputs: _Inputs, *, density: float,
-                       scope: str, progress: bool = False) -> TrimStats:
-    """Each task's trim threshold (global scope) and L1 mass before/after the trim, streamed."""
-    merged = [p for p in plan if p.kind != "copy"]
+def compute_trim_stats(units: Sequence[Unit], inputs: _Inputs, *, density: float,
+                       scope: str, progress: bool = False,
+                       block_thresholds: dict[str, tuple[float, ...]] | None = None
+                       ) -> TrimStats:
+    """Each task's trim threshold (global scope) and L1 mass before/after the trim, streamed.
+
+    With the per-tensor scope, the thresholds of tensors merged in row blocks are stored in
+    ``block_thresholds`` for the merge pass."""
+    merged = [u for u in units if u.plan.kind != "copy"]
     n_tasks = len(inputs.experts)
-    n = sum(p.meta.numel for p in merged)
+    n = sum(_numel(u) for u in merged)
     total = [0.0] * n_tasks
     kept = [0.0] * n_tasks
     if scope == "global" and density < 1 and n > 0:
         k = keep_count(density, n)
         selects = [MagnitudeSelect(inputs.device) for _ in range(n_tasks)]
-        for p in _bar(merged, progress, "trim stats 1/2"):
-            for t, mags in inputs.task_magnitudes(p.name):
+        for _, base, experts in _bar(inputs.stream(merged), progress, "trim stats 1/2", merged):
+            for t, mags in inputs.task_magnitudes(base, experts):
                 selects[t].add(mags)
         for s in selects:
             s.locate(k)
-        for p in _bar(merged, progress, "trim stats 2/2"):
-            for t, mags in inputs.task_magnitudes(p.name):
+        for _, base, experts in _bar(inputs.stream(merged), progress, "trim stats 2/2", merged):
+            for t, mags in inputs.task_magnitudes(base, experts):
                 selects[t].refine(mags)
         results = [s.result() for s in selects]
         return TrimStats(density, scope, n, k, tuple(r[0] for r in results),
                          tuple(s.total_l1 for s in selects), tuple(r[1] for r in results))
-    for p in _bar(merged, progress, "trim stats"):
-        k_p = keep_count(density, p.meta.numel)
-        for t, mags in inputs.task_magnitudes(p.name):
+    # Per-tensor trim: a tensor's threshold needs all of it, so blocked tensors use the
+    # streaming select over their blocks (thresholds kept for the merge), the others a k-th value.
+    whole = [u for u in merged if u.rows is None]
+    for u, base, experts in _bar(inputs.stream(whole), progress, "trim stats", whole):
+        k_p = keep_count(density, u.plan.meta.numel)
+        for t, mags in inputs.task_magnitudes(base, experts):
             l1 = float(mags.sum(dtype=torch.float64))
             total[t] += l1
             if density >= 1 or mags.numel() == 0:
@@ -239,12 +313,57 @@ def compute_trim_stats(plan: Sequence[TensorPlan], inputs: _Inputs, *, density: 
             else:
                 h = kth_largest(mags, k_p)
                 kept[t] += float(mags[mags >= h].sum(dtype=torch.float64))
+    for name, group in _by_tensor([u for u in merged if u.rows is not None]):
+        hs, tot, kep = _blocked_tensor_trim(group, inputs, density)
+        if hs is not None and block_thresholds is not None:
+            block_thresholds[name] = hs
+        for t in range(n_tasks):
+            total[t] += tot[t]
+            kept[t] += kep[t]
     return TrimStats(density, scope, n, None, None, tuple(total), tuple(kept))
 
 
-def _bar(items: Sequence[Any], progress: bool, desc: str) -> Any:
+def _blocked_tensor_trim(group: Sequence[Unit], inputs: _Inputs, density: float
+                         ) -> tuple[tuple[float, ...] | None, list[float], list[float]]:
+    """Per-task threshold and L1 masses of one tensor's own trim, over its row blocks."""
+    n_tasks = len(inputs.experts)
+    selects = [MagnitudeSelect(inputs.device) for _ in range(n_tasks)]
+    for _, base, experts in inputs.stream(group):
+        for t, mags in inputs.task_magnitudes(base, experts):
+            selects[t].add(mags)
+    totals = [s.total_l1 for s in selects]
+    if density >= 1:
+        return None, totals, list(totals)
+    k = keep_count(density, group[0].plan.meta.numel)
+    for s in selects:
+        s.locate(k)
+    for _, base, experts in inputs.stream(group):
+        for t, mags in inputs.task_magnitudes(base, experts):
+            selects[t].refine(mags)
+    results = [s.result() for s in selects]
+    return tuple(r[0] for r in results), totals, [r[1] for r in results]
+
+
+def _numel(u: Unit) -> int:
+    if u.rows is None:
+        return u.plan.meta.numel
+    return (u.rows[1] - u.rows[0]) * (u.plan.meta.numel // u.plan.meta.shape[0])
+
+
+def _by_tensor(units: Sequence[Unit]) -> Iterator[tuple[str, list[Unit]]]:
+    group: list[Unit] = []
+    for u in units:
+        if group and u.plan.name != group[0].plan.name:
+            yield group[0].plan.name, group
+            group = []
+        group.append(u)
+    if group:
+        yield group[0].plan.name, group
+
+
+def _bar(items: Any, progress: bool, desc: str, sized: Sequence[Any] | None = None) -> Any:
     return tqdm(items, desc=desc, unit="tensor", disable=not progress, leave=False,
-                dynamic_ncols=True)
+                dynamic_ncols=True, total=len(sized) if sized is not None else None)
 
 
 def model_seeds(params: Mapping[str, Any], keys: Sequence[str],
@@ -263,11 +382,15 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
         model_keys: Sequence[str], per_model: Sequence[Mapping[str, Any]] | None = None,
         tensor_class: Mapping[str, Kind] | None = None, missing_tensors: str = "error",
         dtype: str | torch.dtype = "float32", out_dtype: str | torch.dtype | None = None,
-        device: str | torch.device = "cpu", progress: bool = True) -> MergeResult:
+        device: str | torch.device = "cpu", progress: bool = True,
+        memory_limit: int | None = None, read_ahead: bool = True) -> MergeResult:
     """Merge ``experts`` into ``base`` with ``method`` (``params`` already validated).
 
     ``model_keys`` name the experts in logs and results and identify them for per-model
-    random streams (DARE), so the order of the experts does not matter."""
+    random streams (DARE), so the order of the experts does not matter. ``memory_limit`` (bytes,
+    the whole process) bounds the tensors in flight: a tensor that does not fit is merged in row
+    blocks, with the same result. Without it, tensors are split only beyond half the memory
+    available at the start."""
     t0 = time.perf_counter()
     _return_freed_tensors_to_the_os()
     dev = resolve_device(device)
@@ -275,50 +398,162 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
     odtype = NAME_TO_TORCH[out_dtype] if isinstance(out_dtype, str) else out_dtype
     plan = build_plan(base, experts, tensor_class=tensor_class, missing_tensors=missing_tensors,
                       out_dtype=odtype)
-    inputs = _Inputs(base, experts, dev, cdtype)
+    budget = memory_budget(memory_limit)
+    units = plan_units(plan, base, experts, budget, cdtype)
+    blocked = {name: len(g) for name, g in _by_tensor(units) if g[0].rows is not None}
+    if blocked and not method.row_local:
+        name = next(iter(blocked))
+        raise ConfigError(f"tensor {name!r} does not fit the memory budget "
+                          f"({_gb(budget)} for tensors in flight) and {method.name} needs whole "
+                          f"tensors (it is not row-local): raise --memory-limit")
+    if blocked:
+        log.info("%d tensor%s too large for the memory budget (%s) merged in row blocks: %s",
+                 len(blocked), "" if len(blocked) == 1 else "s", _gb(budget),
+                 ", ".join(f"{n} ({k} blocks)" for n, k in list(blocked.items())[:3]))
+    inputs = _Inputs(base, experts, dev, cdtype, read_ahead=read_ahead)
     stats = None
     seconds: dict[str, float] = {}
+    block_thresholds: dict[str, tuple[float, ...]] = {}
     if method.wants_stats(params):
         t1 = time.perf_counter()
-        stats = compute_trim_stats(plan, inputs, density=params["density"],
-                                   scope=params["trim_scope"], progress=progress)
+        stats = compute_trim_stats(units, inputs, density=params["density"],
+                                   scope=params["trim_scope"], progress=progress,
+                                   block_thresholds=block_thresholds)
         seconds["stats"] = time.perf_counter() - t1
     resolved = method.resolved(dict(params), stats)
     seeds = model_seeds(resolved, model_keys, per_model)
     thresholds = stats.thresholds if (stats and params.get("trim_scope") == "global") else None
     _log_resolved(method, resolved, stats, plan)
 
+    def merge_unit(u: Unit, b: torch.Tensor, exs: list[torch.Tensor],
+                   **ctx_fields: Any) -> torch.Tensor:
+        ctx = TensorContext(name=u.plan.name, kind=u.plan.kind, model_seeds=seeds,  # type: ignore[arg-type]
+                            row_offset=u.rows[0] if u.rows else 0, **ctx_fields)
+        return method.merge_tensor(inputs.to_compute(b), [e.to(dev) for e in exs], ctx,
+                                   resolved)
+
     sink = sink_factory(plan)
     t2 = time.perf_counter()
     bar = tqdm(total=sum(p.meta.nbytes for p in plan), desc=f"merge ({method.name})", unit="B",
                unit_scale=True, disable=not progress, dynamic_ncols=True)
     with bar:
-        for p in plan:
-            bar.set_postfix_str(p.name[-40:], refresh=False)
-            if p.kind == "copy":
-                # a fresh tensor, checked like every input (never the caller's own storage)
-                out = inputs.base_tensor_as_stored(p.name).clone()
-            else:
-                ctx = TensorContext(name=p.name, kind=p.kind, thresholds=thresholds,
-                                    model_seeds=seeds)
-                merged = method.merge_tensor(inputs.base_tensor(p.name),
-                                             inputs.expert_tensors(p.name), ctx, resolved)
-                out = merged.to(p.out_dtype)
-                if not bool(torch.isfinite(out).all()):
-                    raise InputError(f"tensor {p.name!r}: the merged values are not finite in "
-                                     f"{dtype_name(p.out_dtype)} (overflow? lower the scale or "
-                                     f"use a wider out_dtype)")
-            if p.meta.dtype.is_floating_point and out.dtype != p.out_dtype:
-                out = out.to(p.out_dtype)
-            sink.write(p.name, out.cpu())
-            bar.update(p.meta.nbytes)
+        for segment in _segments(units):
+            fields: dict[str, Any] = {"thresholds": thresholds}
+            if segment[0].rows is not None and segment[0].plan.kind != "copy":
+                fields = _prepare_blocks(segment, inputs, method, resolved, thresholds,
+                                         block_thresholds, merge_unit)
+            for u, b, exs in inputs.stream(segment):
+                p = u.plan
+                bar.set_postfix_str(p.name[-40:], refresh=False)
+                if p.kind == "copy":
+                    out = b
+                else:
+                    out = merge_unit(u, b, exs, **fields).to(p.out_dtype)
+                    if not bool(torch.isfinite(out).all()):
+                        raise InputError(f"tensor {p.name!r}: the merged values are not finite "
+                                         f"in {dtype_name(p.out_dtype)} (overflow? lower the "
+                                         f"scale or use a wider out_dtype)")
+                if p.meta.dtype.is_floating_point and out.dtype != p.out_dtype:
+                    out = out.to(p.out_dtype)
+                sink.write(p.name, out.cpu(), None if u.rows is None else u.rows[0])
+                bar.update(_numel(u) * p.meta.dtype.itemsize)
+                del out, b, exs
     seconds["merge"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t0
     counts = {k: sum(1 for p in plan if p.kind == k) for k in ("neuronal", "point", "copy")}
     return MergeResult(method=method.name, params=resolved, stats=stats, counts=counts,
                        seconds=seconds, model_names=list(model_keys),
                        bytes_read=inputs.bytes_read,
-                       extra={"copied": {p.name: p.reason for p in plan if p.kind == "copy"}})
+                       extra={"copied": {p.name: p.reason for p in plan if p.kind == "copy"},
+                              "row_blocks": blocked, "memory_budget": budget})
+
+
+def _prepare_blocks(segment: Sequence[Unit], inputs: _Inputs, method: MergeMethod,
+                    params: Mapping[str, Any], thresholds: tuple[float, ...] | None,
+                    block_thresholds: dict[str, tuple[float, ...]],
+                    merge_unit: Callable[..., torch.Tensor]) -> dict[str, Any]:
+    """What a tensor merged in row blocks needs from all of it: its own trim thresholds (per-
+    tensor trim) and the tensor-wide sums the method's tie-breaks read, collected by running the
+    method over the blocks once (skipped when the first block asks for none)."""
+    name = segment[0].plan.name
+    if (thresholds is None and method.trims and params.get("density", 1) < 1):
+        if name not in block_thresholds:
+            hs = _blocked_tensor_trim(segment, inputs, params["density"])[0]
+            if hs is not None:
+                block_thresholds[name] = hs
+        thresholds = block_thresholds.get(name)
+    sums: dict[str, float] = {}
+    for i, (u, b, exs) in enumerate(inputs.stream(segment)):
+        merge_unit(u, b, exs, thresholds=thresholds, collect=sums)
+        if i == 0 and not sums:
+            break
+    return {"thresholds": thresholds, "sums": sums or None}
+
+
+def _segments(units: Sequence[Unit]) -> Iterator[list[Unit]]:
+    """Runs of whole tensors (read ahead across them), and each blocked tensor on its own."""
+    run_: list[Unit] = []
+    for _, group in _by_tensor(units):
+        if group[0].rows is None:
+            run_.extend(group)
+            continue
+        if run_:
+            yield run_
+            run_ = []
+        yield group
+    if run_:
+        yield run_
+
+
+#: Memory held outside the tensors in flight: the writer, headers, allocator slack, threads.
+RESERVE_BYTES = 96 << 20
+
+
+def memory_budget(limit: int | None) -> int:
+    """Bytes the tensors in flight may use: ``limit`` minus what the process already holds and a
+    reserve; without a limit, half the memory available now (no bound where that is unknown)."""
+    rss = _proc_kib("/proc/self/status", "VmRSS") * 1024
+    if limit is None:
+        avail = _proc_kib("/proc/meminfo", "MemAvailable") * 1024
+        return max(avail // 2, 1 << 28) if avail else sys.maxsize
+    budget = limit - rss - RESERVE_BYTES
+    if budget < 16 << 20:
+        raise ConfigError(f"--memory-limit {_gb(limit)} is too low: the process already uses "
+                          f"{_gb(rss)} and needs about {_gb(rss + RESERVE_BYTES + (16 << 20))} "
+                          f"at least")
+    return budget
+
+
+def plan_units(plan: Sequence[TensorPlan], base: CheckpointReader,
+               experts: Sequence[CheckpointReader], budget: int,
+               cdtype: torch.dtype) -> list[Unit]:
+    """Each tensor whole, or in row blocks where its working set exceeds ``budget``."""
+    units = []
+    for p in plan:
+        if p.kind == "copy":
+            itemsize, n_exp = p.meta.dtype.itemsize, 0
+        else:
+            itemsize = max([p.meta.dtype.itemsize] +
+                           [ex.meta(p.name).dtype.itemsize for ex in experts])
+            n_exp = len(experts)
+        per_entry = bytes_per_entry(n_exp, itemsize, cdtype)
+        units.extend(Unit(p, rows) for rows in split_rows(p.meta, max(1, budget // per_entry)))
+    return units
+
+
+def _proc_kib(path: str, key: str) -> int:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.3g} MB"
 
 
 def _log_resolved(method: MergeMethod, params: Mapping[str, Any], stats: TrimStats | None,
@@ -347,6 +582,7 @@ def merge_state_dicts(
     tensor_class: Mapping[str, Kind] | None = None, missing_tensors: str = "error",
     dtype: str = "float32", out_dtype: str | None = None, device: str = "cpu",
     progress: bool = False, per_model: Sequence[Mapping[str, Any]] | None = None,
+    memory_limit: int | None = None,
 ) -> MergeResult:
     """Merge in-memory state dicts with the same engine as ``neuromerge merge`` (global trim and
     ``lambda2: auto`` included). ``experts`` may be a list or a {name: state_dict} mapping (the
@@ -359,11 +595,17 @@ def merge_state_dicts(
         keys, sds = [str(i) for i in range(len(experts))], list(experts)
     if not sds:
         raise ConfigError("no expert models to merge")
-    sink = DictSink()
+    sinks: list[DictSink] = []
+
+    def sink_factory(plan: list[TensorPlan]) -> DictSink:
+        sinks.append(DictSink(plan))
+        return sinks[0]
+
     result = run(StateDictReader(base, "base"), [StateDictReader(sd, k) for k, sd in
                                                  zip(keys, sds, strict=True)],
-                 m, full, lambda plan: sink, model_keys=keys, per_model=per_model,
+                 m, full, sink_factory, model_keys=keys, per_model=per_model,
                  tensor_class=tensor_class, missing_tensors=missing_tensors, dtype=dtype,
-                 out_dtype=out_dtype, device=device, progress=progress)
-    result.state_dict = sink.state_dict
+                 out_dtype=out_dtype, device=device, progress=progress,
+                 memory_limit=memory_limit)
+    result.state_dict = sinks[0].state_dict
     return result

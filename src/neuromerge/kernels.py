@@ -105,14 +105,39 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def dare_drop(tv: torch.Tensor, drop_rate: float, seed: int) -> torch.Tensor:
+#: DARE draws its uniforms in chunks of this many entries, each from its own seed, so the mask of
+#: any row block can be drawn without drawing (or holding) the rows before it.
+RNG_CHUNK = 1 << 20
+
+
+def uniform_stream(seed: int, offset: int, count: int) -> torch.Tensor:
+    """Entries ``offset .. offset+count`` of the seeded uniform stream of a flattened tensor.
+
+    Chunk j of the stream comes from seed ``seed`` (j = 0) or ``derive_seed(seed, "chunk", j)``,
+    drawn on the CPU: the same numbers whatever the device or the row blocks asked for."""
+    out = torch.empty(count, dtype=torch.float32)
+    pos = offset
+    while pos < offset + count:
+        j = pos // RNG_CHUNK
+        start = j * RNG_CHUNK
+        gen = torch.Generator(device="cpu").manual_seed(
+            seed if j == 0 else derive_seed(seed, "chunk", j))
+        chunk = torch.rand(min(RNG_CHUNK, offset + count - start), generator=gen,
+                           dtype=torch.float32)
+        piece = chunk[pos - start:]
+        out[pos - offset:pos - offset + piece.numel()] = piece
+        pos += piece.numel()
+    return out
+
+
+def dare_drop(tv: torch.Tensor, drop_rate: float, seed: int, offset: int = 0) -> torch.Tensor:
     """DARE: drop each entry with probability p, rescale survivors by 1/(1 − p).
 
-    The mask is drawn on the CPU from ``seed`` so a result is the same on every device."""
+    The mask comes from ``uniform_stream(seed, offset, numel)``: ``offset`` is the position of
+    ``tv``'s first entry in the whole flattened tensor when ``tv`` is a row block of it."""
     if drop_rate <= 0:
         return tv
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    keep = torch.rand(tv.shape, generator=gen, dtype=torch.float32) >= drop_rate
+    keep = (uniform_stream(seed, offset, tv.numel()) >= drop_rate).reshape(tv.shape)
     keep = keep.to(tv.device)
     return torch.where(keep, tv / (1.0 - drop_rate), torch.zeros((), dtype=tv.dtype,
                                                                   device=tv.device))

@@ -24,12 +24,15 @@ from neuromerge.io.writer import OutputFolder, ShardedSafetensorsWriter, parse_s
 def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
           out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu",
           progress: bool = True, max_shard_size: str | int | None = None,
-          overrides: Mapping[str, Any] | None = None) -> MergeResult:
+          overrides: Mapping[str, Any] | None = None,
+          memory_limit: str | int | None = None, read_ahead: bool = True) -> MergeResult:
     """Merge the models a config names and write an HF model folder to ``out_dir``.
 
     ``config`` is a :class:`MergeConfig`, a dict of the YAML's content, or a YAML path.
     The folder is written next to ``out_dir`` under a temporary name and renamed into place only
     when complete; an existing ``out_dir`` is replaced only with ``force``.
+    ``memory_limit`` (``"8GB"`` or bytes) bounds the whole process's memory: tensors that do not
+    fit are merged in row blocks.
     """
     if isinstance(config, MergeConfig):
         cfg = config
@@ -42,6 +45,7 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
     method = cfg.method
     params = cfg.validated_parameters()
     shard_size = parse_size(max_shard_size if max_shard_size is not None else cfg.max_shard_size)
+    limit = None if memory_limit is None else parse_size(memory_limit, what="--memory-limit")
     out = Path(out_dir)
 
     base_path = cfg.resolve_path(cfg.base_model)
@@ -74,7 +78,7 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
                      per_model=[e.parameters for e in cfg.models],
                      tensor_class=cfg.tensor_class, missing_tensors=cfg.missing_tensors,
                      dtype=cfg.dtype, out_dtype=cfg.out_dtype, device=device,
-                     progress=progress)
+                     progress=progress, memory_limit=limit, read_ahead=read_ahead)
         writer[0].close()
         copy_support_files(base_path, tmp, out_dtype=cfg.out_dtype)
         as_given = cfg.model_dump(exclude_defaults=False)
@@ -127,6 +131,8 @@ def _write_record(folder: Path, config: Mapping[str, Any], result: MergeResult,
         "shards": writer.filenames,
         "seconds": result.seconds,
         "bytes_read": result.bytes_read,
+        "memory_budget": result.extra.get("memory_budget"),
+        "row_blocks": result.extra.get("row_blocks", {}),
     }
     (folder / "neuromerge_result.json").write_text(json.dumps(record, indent=2) + "\n")
 

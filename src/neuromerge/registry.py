@@ -26,20 +26,41 @@ _RESERVED = ("base", "tensors", "ctx")
 class TensorContext:
     """What the engine knows about the tensor being merged, beyond its values.
 
-    ``thresholds`` are the per-task magnitude thresholds of a model-wide (global) trim; ``None``
-    means "trim this tensor on its own". ``model_seeds`` seed per-model randomness (DARE) so the
-    result does not depend on the order in which the models are listed.
+    ``thresholds`` are the per-task magnitude thresholds of a model-wide (global) trim, or of this
+    tensor's own trim when it is merged in row blocks; ``None`` means "trim this tensor on its
+    own". ``model_seeds`` seed per-model randomness (DARE) so the result does not depend on the
+    order in which the models are listed.
+
+    A tensor too large for the memory budget is merged in row blocks (every built-in method is
+    row-local): ``row_offset`` is the block's first row, and ``sums`` holds the whole tensor's
+    value of each quantity a method reads through :meth:`tensor_sum` (the engine collects them
+    in a first pass over the blocks, running the method with ``collect`` set).
     """
 
     name: str = "tensor"
     kind: TensorKind | None = None
     thresholds: tuple[float, ...] | None = None
     model_seeds: tuple[int, ...] | None = None
+    row_offset: int = 0
+    sums: Mapping[str, float] | None = None
+    collect: dict[str, float] | None = None
 
     def resolved_kind(self, base: torch.Tensor) -> TensorKind:
         if self.kind is not None:
             return self.kind
         return "neuronal" if base.dim() >= 2 else "point"
+
+    def tensor_sum(self, key: str, local: Callable[[], float]) -> float:
+        """A sum over the whole tensor (``local()`` computes it over the rows at hand).
+
+        Methods use it for tensor-wide tie-breaks, so that a tensor merged in row blocks gives
+        the same result as merged whole."""
+        if self.sums is not None:
+            return self.sums[key]
+        value = float(local())
+        if self.collect is not None:
+            self.collect[key] = self.collect.get(key, 0.0) + value
+        return value
 
 
 @dataclass(frozen=True)
@@ -94,6 +115,7 @@ class MergeMethod:
     per_model_params: tuple[str, ...]
     resolve: Callable[[dict[str, Any], TrimStats | None], dict[str, Any]] | None = None
     needs_stats: Callable[[dict[str, Any]], bool] | None = None
+    row_local: bool = True
     _model: type[BaseModel] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -167,12 +189,15 @@ def merge_method(
     per_model_params: Sequence[str] = (),
     resolve: Callable[[dict[str, Any], TrimStats | None], dict[str, Any]] | None = None,
     needs_stats: Callable[[dict[str, Any]], bool] | None = None,
+    row_local: bool = True,
 ) -> Callable[[Callable[..., torch.Tensor]], MergeMethod]:
     """Register ``fn(base, tensors, *, <params>, ctx)`` as a merge method called ``name``.
 
     Every keyword-only parameter other than ``ctx`` must have a type annotation (``Annotated``
     with a pydantic ``Field`` carries bounds and the description) and a default.
     ``trims=True`` declares that the method uses the shared trim (``density``, ``trim_scope``).
+    ``row_local=False`` declares that a tensor's merged rows depend on more than the same rows of
+    the inputs (and :meth:`TensorContext.tensor_sum`), so it cannot be merged in row blocks.
     """
 
     def register(fn: Callable[..., torch.Tensor]) -> MergeMethod:
@@ -192,7 +217,7 @@ def merge_method(
             summary=doc.split("\n\n")[0].replace("\n", " ").strip(), doc=doc,
             params=specs, trims=trims, needs_base=needs_base,
             per_model_params=tuple(per_model_params), resolve=resolve, needs_stats=needs_stats,
-            _model=model,
+            row_local=row_local, _model=model,
         )
         _REGISTRY[name] = method
         return method

@@ -261,14 +261,15 @@ class Bench:
             theta0 = {n: base.read(n) for n in base.names()}
             comps = {}
             for name, unit in units.items():
-                sink = DictSink()
+                sinks: list[DictSink] = []
                 params = m.validate({**fixed, **unit})
                 with self.timer("merging"):
-                    run(base, readers, m, params, lambda plan, sink=sink: sink,
+                    run(base, readers, m, params,
+                        lambda plan, sinks=sinks: sinks.append(DictSink(plan)) or sinks[0],
                         model_keys=[str(experts[t] / "body") for t in self.profile.tasks],
                         progress=False)
                 comps[name] = {k: v.float() - theta0[k].float() if v.is_floating_point()
-                               else v for k, v in sink.state_dict.items()}
+                               else v for k, v in sinks[0].state_dict.items()}
         finally:
             base.close()
             for r in readers:

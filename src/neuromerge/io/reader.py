@@ -50,6 +50,7 @@ class CheckpointReader(Protocol):
     def names(self) -> list[str]: ...
     def meta(self, name: str) -> TensorMeta: ...
     def read(self, name: str) -> torch.Tensor: ...
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor: ...
     def files(self) -> list[Path]: ...
     def close(self) -> None: ...
 
@@ -105,11 +106,23 @@ class SafetensorsFile:
         return self._entries[name][0]
 
     def read(self, name: str) -> torch.Tensor:
+        meta = self._entries[name][0]
+        return self._read(name, 0, meta.shape[0] if meta.shape else 1, whole=True)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (its first axis): one contiguous positioned read."""
+        return self._read(name, start, stop, whole=False)
+
+    def _read(self, name: str, start: int, stop: int, *, whole: bool) -> torch.Tensor:
         meta, begin, end = self._entries[name]
-        out = torch.empty(meta.shape, dtype=meta.dtype)
-        if end > begin:
+        shape = meta.shape if whole else (stop - start, *meta.shape[1:])
+        out = torch.empty(shape, dtype=meta.dtype)
+        row_bytes = (end - begin) // meta.shape[0] if meta.shape and meta.shape[0] else 0
+        nbytes = out.numel() * out.element_size()
+        if nbytes:
             view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-            if _read_into(self._fh, view, self._data_start + begin) != end - begin:
+            offset = self._data_start + begin + start * row_bytes
+            if _read_into(self._fh, view, offset) != nbytes:
                 raise InputError(f"{self.path}: tensor {name!r}: short read (file truncated?)")
         return out
 
@@ -162,6 +175,9 @@ class SafetensorsReader:
     def read(self, name: str) -> torch.Tensor:
         return self._where[name].read(name)
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._where[name].read_rows(name, start, stop)
+
     def files(self) -> list[Path]:
         return [f.path for f in self._files.values()]
 
@@ -199,6 +215,9 @@ class TorchBinReader:
 
     def read(self, name: str) -> torch.Tensor:
         return self._tensors[name].clone()
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._tensors[name][start:stop].clone()
 
     def files(self) -> list[Path]:
         return list(self._paths)
@@ -274,7 +293,11 @@ class StateDictReader:
         return TensorMeta(tuple(t.shape), t.dtype)
 
     def read(self, name: str) -> torch.Tensor:
-        return self._sd[name].detach().cpu()
+        # a copy: results must never share storage with the caller's tensors
+        return self._sd[name].detach().to("cpu", copy=True)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._sd[name].detach()[start:stop].to("cpu", copy=True)
 
     def files(self) -> list[Path]:
         return []

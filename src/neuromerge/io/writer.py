@@ -28,18 +28,18 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_size(value: str | int) -> int:
+def parse_size(value: str | int, what: str = "max_shard_size") -> int:
     """``"5GB"`` → 5·10⁹ bytes, ``"2GiB"`` → 2·2³⁰, ``"500MB"``, or a plain byte count."""
     if isinstance(value, int):
         size = value
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
         if not m or m.group(2).lower() not in _UNITS:
-            raise ConfigError(f"max_shard_size: cannot read {value!r} (use e.g. 5GB, 500MB, "
+            raise ConfigError(f"{what}: cannot read {value!r} (use e.g. 5GB, 500MB, "
                               f"2GiB or a byte count)")
         size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if size <= 0:
-        raise ConfigError(f"max_shard_size: must be positive (got {value!r})")
+        raise ConfigError(f"{what}: must be positive (got {value!r})")
     return size
 
 
@@ -82,22 +82,36 @@ class ShardedSafetensorsWriter:
         self._order = [(s, name, meta) for s, shard in enumerate(self.shards)
                        for name, meta in shard]
         self._pos = 0
+        self._rows_done = 0  # of the tensor at _pos, when it arrives in row blocks
         self._shard = -1
         self._fh: object | None = None
         self.total_size = sum(meta.nbytes for _, _, meta in self._order)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, row_start: int | None = None) -> None:
+        """Append a tensor, or (``row_start`` given) the next row block of one, in plan order."""
         if self._pos >= len(self._order):
             raise RuntimeError(f"unplanned tensor {name!r} written")
         shard, expected, meta = self._order[self._pos]
-        if name != expected or tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
-            raise RuntimeError(f"writer expected {expected} {meta.shape} {meta.dtype}, got "
-                               f"{name} {tuple(tensor.shape)} {tensor.dtype}")
+        shape = tuple(tensor.shape)
+        if row_start is None:
+            ok = shape == meta.shape and self._rows_done == 0
+            rows = meta.shape[0] if meta.shape else 1
+        else:
+            ok = (row_start == self._rows_done and len(shape) == len(meta.shape) >= 1
+                  and shape[1:] == meta.shape[1:] and row_start + shape[0] <= meta.shape[0])
+            rows = shape[0]
+        if name != expected or not ok or tensor.dtype != meta.dtype:
+            raise RuntimeError(f"writer expected {expected} {meta.shape} {meta.dtype} (rows from "
+                               f"{self._rows_done}), got {name} {shape} {tensor.dtype} (rows "
+                               f"from {row_start})")
         if shard != self._shard:
             self._open(shard)
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._fh.write(memoryview(data))  # type: ignore[attr-defined]
-        self._pos += 1
+        self._rows_done += rows
+        if row_start is None or self._rows_done == meta.shape[0]:
+            self._pos += 1
+            self._rows_done = 0
 
     def _open(self, shard: int) -> None:
         if self._fh is not None:

@@ -20,8 +20,9 @@ def dropped_task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], dr
     """τ̃t = mask_t ⊙ τt / (1 − p), mask_t ~ Bernoulli(1 − p) from model t's own seeded stream."""
     tv = task_vectors(base, tensors, base.dtype)
     seeds = ctx.model_seeds or tuple(derive_seed(seed, i) for i in range(len(tensors)))
+    offset = ctx.row_offset * (tv[0][0].numel() if tv.dim() > 1 else 1)
     for t in range(tv.shape[0]):
-        tv[t] = dare_drop(tv[t], drop_rate, derive_seed(seeds[t], ctx.name))
+        tv[t] = dare_drop(tv[t], drop_rate, derive_seed(seeds[t], ctx.name), offset)
     return tv
 
 
@@ -50,4 +51,5 @@ def dare_ties(
     """DARE then TIES' elect + disjoint mean: θ = θ0 + λ · τ̄ over τ̃t = τt ⊙ mt / (1 − p).
 
     The random drop replaces TIES' magnitude trim."""
-    return base + scale * ties_merge(dropped_task_vectors(base, tensors, drop_rate, seed, ctx))
+    tv = dropped_task_vectors(base, tensors, drop_rate, seed, ctx)
+    return base + scale * ties_merge(tv, whole_sum=ctx.tensor_sum("tv", tv.sum))

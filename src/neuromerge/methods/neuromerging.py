@@ -4,7 +4,7 @@ subspace orthogonal to it (a rotation: task adaptability). Rules: shared/spec/ne
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 import torch
@@ -79,12 +79,19 @@ def merge_orthogonal_svd(orth: torch.Tensor, rank_threshold: float = 1.0) -> tor
 
 def merge_neurons(w0: torch.Tensor, tv: torch.Tensor, *, lambda1: float, lambda2: float,
                   rank_threshold: float = 1.0, orthogonal_merge: str = "svd",
-                  unit_parallel: bool = False) -> torch.Tensor:
+                  unit_parallel: bool = False,
+                  tensor_sum: Callable[[str, Callable[[], float]], float] | None = None,
+                  ) -> torch.Tensor:
     """λ1 · P + λ2 · O for a 2-D neuronal tensor (rows are neurons), in float64.
 
     P ᵏ = c̄ᵏ · w0ᵏ with c̄ᵏ the TIES elect + disjoint mean of c_1ᵏ..c_Tᵏ (a zero sum takes the
     sign of the sum of all c of the tensor); O ᵏ is the orthogonal merge (SVD frame or, as an
-    ablation, element-wise TIES). ``unit_parallel`` reproduces the released code's w0ᵏ/‖w0ᵏ‖."""
+    ablation, element-wise TIES). ``unit_parallel`` reproduces the released code's w0ᵏ/‖w0ᵏ‖.
+    ``tensor_sum`` (``TensorContext.tensor_sum``) supplies the tie-breaks' tensor-wide sums when
+    ``w0`` is a row block of a larger tensor."""
+    if tensor_sum is None:
+        def tensor_sum(key: str, local: Callable[[], float]) -> float:
+            return float(local())
     t_count, m, n = tv.shape
     w0 = w0.to(torch.float64)
     block = max(1, BLOCK_BYTES // max(1, 8 * t_count * n))
@@ -93,7 +100,8 @@ def merge_neurons(w0: torch.Tensor, tv: torch.Tensor, *, lambda1: float, lambda2
     c = torch.cat([neuron_coefficients(w0[b], tv[:, b].to(torch.float64)) for b in blocks], dim=1)
     whole_orth_sum = None
     if orthogonal_merge == "ties":  # the element-wise election's tie-break needs Σ τ⊥ tensor-wide
-        whole_orth_sum = float(tv.sum(dtype=torch.float64) - (c.sum(0) * w0.sum(-1)).sum())
+        whole_orth_sum = tensor_sum("orthogonal", lambda: float(
+            tv.sum(dtype=torch.float64) - (c.sum(0) * w0.sum(-1)).sum()))
     ortho = torch.empty((m, n), dtype=torch.float64, device=tv.device)
     for b in blocks:
         orth = tv[:, b].to(torch.float64)
@@ -108,7 +116,7 @@ def merge_neurons(w0: torch.Tensor, tv: torch.Tensor, *, lambda1: float, lambda2
             ortho[b] = ties_merge(orth, whole_sum=whole_orth_sum)
     delta = lambda2 * ortho
     if lambda1 != 0:
-        c_bar = disjoint_mean(c, elect_sign(c))
+        c_bar = disjoint_mean(c, elect_sign(c, whole_sum=tensor_sum("c", c.sum)))
         direction = w0
         if unit_parallel:
             norms = w0.norm(dim=-1, keepdim=True)
@@ -173,11 +181,11 @@ def neuromerging(
     official = compat == "official"
     if ctx.resolved_kind(base) == "point":
         scale = (lambda1 + lambda2) / 2 if official else lambda_point
-        return base + scale * ties_merge(tv)
+        return base + scale * ties_merge(tv, whole_sum=ctx.tensor_sum("tv", tv.sum))
     rows = base.shape[0]
     delta = merge_neurons(
         base.reshape(rows, -1), tv.reshape(tv.shape[0], rows, -1), lambda1=lambda1,
         lambda2=lambda2, rank_threshold=rank_threshold, orthogonal_merge=orthogonal_merge,
-        unit_parallel=official,
+        unit_parallel=official, tensor_sum=ctx.tensor_sum,
     )
     return base + delta.reshape(base.shape).to(base.dtype)

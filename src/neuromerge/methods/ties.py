@@ -28,4 +28,4 @@ def ties(
     τ̂t entries whose sign is s."""
     tv = trim(task_vectors(base, tensors, base.dtype), density, ctx.thresholds,
               inplace=True)
-    return base + scale * ties_merge(tv)
+    return base + scale * ties_merge(tv, whole_sum=ctx.tensor_sum("tv", tv.sum))

@@ -1,0 +1,158 @@
+"""Out-of-core merging: a tensor too large for the memory budget is merged in row blocks, and
+the result is the same as merging it whole, for every method and every tie-break."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import neuromerge.engine as engine
+from neuromerge import merge_state_dicts
+from neuromerge.errors import ConfigError
+from neuromerge.io.reader import TensorMeta, open_checkpoint
+from neuromerge.kernels import RNG_CHUNK, uniform_stream
+from neuromerge.registry import get_method
+
+# Every method and the settings whose whole-tensor dependencies differ: a per-tensor trim
+# threshold, the tie-break sums (trimmed τ, c, orthogonal parts), DARE's random stream.
+CASES = [
+    ("average", {}),
+    ("task_arithmetic", {}),
+    ("ties", {"trim_scope": "tensor"}),
+    ("ties", {"trim_scope": "global"}),
+    ("ties", {"trim_scope": "tensor", "density": 1.0}),
+    ("dare_linear", {"seed": 3}),
+    ("dare_ties", {"seed": 3, "drop_rate": 0.3}),
+    ("neuromerging", {}),
+    ("neuromerging", {"trim_scope": "tensor", "lambda1": 0.7}),
+    ("neuromerging", {"orthogonal_merge": "ties", "lambda1": 1.0, "density": 0.5}),
+    ("neuromerging", {"compat": "official", "lambda1": 0.5, "lambda2": 1.2}),
+    ("neuromerging", {"rank_threshold": 0.6, "density": 0.3}),
+]
+
+
+def tie_heavy_models(n_experts: int = 3) -> tuple[dict, list[dict]]:
+    """Small-integer task vectors: many exact cancellations (Σt = 0), so the tensor-wide
+    tie-breaks decide entries, and blocks whose own sums differ in sign from the tensor's."""
+    gen = torch.Generator().manual_seed(0)
+    base = {"emb": torch.randint(-3, 4, (37, 6), generator=gen).float(),
+            "w": torch.randint(-3, 4, (9, 4, 2), generator=gen).float(),
+            "b": torch.randint(-3, 4, (29,), generator=gen).float(),
+            "ids": torch.arange(5)}
+    experts = []
+    for _ in range(n_experts):
+        ex = {}
+        for k, v in base.items():
+            if v.is_floating_point():
+                delta = torch.randint(-2, 3, v.shape, generator=gen).float()
+                ex[k] = v + delta
+            else:
+                ex[k] = v.clone()
+        experts.append(ex)
+    return base, experts
+
+
+def merged(method: str, params: dict, base: dict, experts: list[dict], *,
+           max_entries: int | None, monkeypatch: pytest.MonkeyPatch) -> engine.MergeResult:
+    if max_entries is None:
+        monkeypatch.setattr(engine, "memory_budget", lambda limit: 1 << 40)
+    else:
+        # a budget that admits max_entries entries per block for these inputs
+        per = engine.bytes_per_entry(len(experts), 4, torch.float32)
+        monkeypatch.setattr(engine, "memory_budget", lambda limit: per * max_entries)
+    keyed = {f"m{i}": e for i, e in enumerate(experts)}
+    return merge_state_dicts(base, keyed, method, params)
+
+
+@pytest.mark.parametrize(("method", "params"), CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("max_entries", [1, 7, 20])
+def test_row_blocks_give_the_whole_tensor_result(method: str, params: dict, max_entries: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    base, experts = tie_heavy_models()
+    whole = merged(method, params, base, experts, max_entries=None, monkeypatch=monkeypatch)
+    blocks = merged(method, params, base, experts, max_entries=max_entries,
+                    monkeypatch=monkeypatch)
+    assert whole.extra["row_blocks"] == {}
+    assert set(blocks.extra["row_blocks"]) >= {"emb", "w", "b"}  # really split
+    assert blocks.params == whole.params
+    for name, value in whole.state_dict.items():
+        # float64 rounding of sums may differ in the last bit between block and whole sums
+        torch.testing.assert_close(blocks.state_dict[name], value, rtol=1e-6, atol=1e-6,
+                                   msg=f"{method} {params} {name}")
+
+
+def test_tie_breaks_matter_in_this_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guard for the test above: with the tie-breaks' sums taken per block instead of over the
+    whole tensor (what a naive blocked merge does), the TIES result changes."""
+    base, experts = tie_heavy_models()
+    whole = merged("ties", {"trim_scope": "tensor", "density": 1.0}, base, experts,
+                   max_entries=None, monkeypatch=monkeypatch)
+    real = engine._prepare_blocks
+
+    def naive(*args, **kwargs):  # type: ignore[no-untyped-def]
+        fields = real(*args, **kwargs)
+        return {**fields, "sums": None}
+
+    monkeypatch.setattr(engine, "_prepare_blocks", naive)
+    per = engine.bytes_per_entry(3, 4, torch.float32)
+    monkeypatch.setattr(engine, "memory_budget", lambda limit: per * 6)
+    naive_out = merge_state_dicts(base, {f"m{i}": e for i, e in enumerate(experts)}, "ties",
+                                  {"trim_scope": "tensor", "density": 1.0})
+    assert not torch.equal(naive_out.state_dict["emb"], whole.state_dict["emb"])
+
+
+def test_split_rows() -> None:
+    meta = TensorMeta((10, 4), torch.float32)
+    assert engine.split_rows(meta, 40) == [None]
+    assert engine.split_rows(meta, 12) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert engine.split_rows(meta, 1) == [(i, i + 1) for i in range(10)]  # at least one row
+    assert engine.split_rows(TensorMeta((), torch.float32), 0) == [None]
+    assert engine.split_rows(TensorMeta((1, 99), torch.float32), 5) == [None]
+
+
+def test_a_method_that_needs_whole_tensors_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    base, experts = tie_heavy_models()
+    whole_only = dataclasses.replace(get_method("average"), row_local=False)
+    per = engine.bytes_per_entry(3, 4, torch.float32)
+    monkeypatch.setattr(engine, "memory_budget", lambda limit: per * 10)
+    with pytest.raises(ConfigError, match=r"'emb' does not fit the memory budget .* not "
+                                          r"row-local\): raise --memory-limit"):
+        merge_state_dicts(base, experts, whole_only)
+
+
+def test_a_memory_limit_below_the_start_up_footprint_is_refused() -> None:
+    base, experts = tie_heavy_models()
+    with pytest.raises(ConfigError, match=r"--memory-limit 10 MB is too low: the process "
+                                          r"already uses"):
+        merge_state_dicts(base, experts, "average", memory_limit=10_000_000)
+
+
+@given(seed=st.integers(0, 2**40), offset=st.integers(0, 3 * RNG_CHUNK),
+       count=st.integers(0, RNG_CHUNK + 17))
+def test_uniform_stream_blocks_are_slices_of_one_stream(seed: int, offset: int,
+                                                        count: int) -> None:
+    whole = uniform_stream(seed, 0, offset + count)
+    assert torch.equal(uniform_stream(seed, offset, count), whole[offset:])
+
+
+def test_uniform_stream_starts_as_the_seeded_generator() -> None:
+    gen = torch.Generator().manual_seed(123)
+    assert torch.equal(uniform_stream(123, 0, 500), torch.rand(500, generator=gen))
+
+
+def test_read_rows_is_a_slice_of_the_tensor(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import save_file
+
+    t = torch.arange(60, dtype=torch.bfloat16).reshape(12, 5)
+    save_file({"a": torch.zeros(3), "t": t}, str(tmp_path / "model.safetensors"))
+    r = open_checkpoint(tmp_path)
+    try:
+        assert torch.equal(r.read_rows("t", 4, 9), t[4:9])
+        assert torch.equal(r.read_rows("t", 11, 12), t[11:])
+        assert r.read_rows("t", 5, 5).shape == (0, 5)
+    finally:
+        r.close()
