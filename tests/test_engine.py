@@ -10,6 +10,7 @@ from neuromerge import merge_state_dicts
 from neuromerge.engine import build_plan, compute_dtype, resolve_device
 from neuromerge.errors import ConfigError, InputError
 from neuromerge.io.reader import StateDictReader
+from neuromerge.registry import all_methods
 
 
 def family(dtype: torch.dtype = torch.float32) -> tuple[dict, list[dict]]:
@@ -160,13 +161,16 @@ def test_device_resolution() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("method", ["ties", "neuromerging", "dare_ties"])
-def test_cuda_matches_cpu(method: str) -> None:
-    base, experts = family()
+@pytest.mark.parametrize("method", [m.name for m in all_methods()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu(method: str, dtype: torch.dtype) -> None:
+    base, experts = family(dtype)
     cpu = merge_state_dicts(base, experts, method, device="cpu").state_dict
     gpu = merge_state_dicts(base, experts, method, device="cuda").state_dict
     for k in base:
-        assert_close(gpu[k], cpu[k], rtol=1e-4, atol=1e-5)
+        assert gpu[k].device.type == "cpu" and gpu[k].dtype == cpu[k].dtype
+        tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
+        assert_close(gpu[k], cpu[k], **tol)
 
 
 def test_result_reports_counts_and_timings() -> None:

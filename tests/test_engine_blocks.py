@@ -156,3 +156,29 @@ def test_read_rows_is_a_slice_of_the_tensor(tmp_path) -> None:  # type: ignore[n
         assert r.read_rows("t", 5, 5).shape == (0, 5)
     finally:
         r.close()
+
+
+def generic_models(n_experts: int = 3) -> tuple[dict, list[dict]]:
+    """Random values: no exact ties, and distinct singular values in every neuron's SVD frame
+    (with integer data a frame can be degenerate, and a GPU eigensolver may pick another basis
+    of it than the CPU's: a difference of devices, not of blocks)."""
+    gen = torch.Generator().manual_seed(1)
+    base = {"emb": torch.randn(37, 6, generator=gen), "w": torch.randn(9, 4, 2, generator=gen),
+            "b": torch.randn(29, generator=gen)}
+    return base, [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+                  for _ in range(n_experts)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("method", "params"), CASES, ids=lambda v: str(v))
+def test_cuda_row_blocks_match_cpu_whole(method: str, params: dict,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    base, experts = generic_models()
+    whole = merged(method, params, base, experts, max_entries=None, monkeypatch=monkeypatch)
+    per = engine.bytes_per_entry(len(experts), 4, torch.float32)
+    monkeypatch.setattr(engine, "memory_budget", lambda limit: per * 7)
+    gpu = merge_state_dicts(base, {f"m{i}": e for i, e in enumerate(experts)}, method, params,
+                            device="cuda")
+    assert gpu.extra["row_blocks"]
+    for name, value in whole.state_dict.items():
+        torch.testing.assert_close(gpu.state_dict[name], value, rtol=1e-5, atol=1e-5)
