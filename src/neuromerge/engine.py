@@ -29,7 +29,14 @@ from neuromerge.errors import ConfigError, InputError
 from neuromerge.io.dtypes import NAME_TO_TORCH, dtype_name
 from neuromerge.io.reader import CheckpointReader, StateDictReader, TensorMeta
 from neuromerge.kernels import derive_seed, keep_count, kth_largest, magnitudes
-from neuromerge.registry import MergeMethod, TensorContext, TrimStats, get_method
+from neuromerge.registry import (
+    MergeMethod,
+    SumCollector,
+    SumsCollected,
+    TensorContext,
+    TrimStats,
+    get_method,
+)
 from neuromerge.thresholds import MagnitudeSelect
 
 log = logging.getLogger("neuromerge")
@@ -474,7 +481,8 @@ def _prepare_blocks(segment: Sequence[Unit], inputs: _Inputs, method: MergeMetho
                     merge_unit: Callable[..., torch.Tensor]) -> dict[str, Any]:
     """What a tensor merged in row blocks needs from all of it: its own trim thresholds (per-
     tensor trim) and the tensor-wide sums the method's tie-breaks read, collected by running the
-    method over the blocks once (skipped when the first block asks for none)."""
+    method over the blocks, each run stopped once it has given its sums (no pass at all when the
+    first block asks for none)."""
     name = segment[0].plan.name
     if (thresholds is None and method.trims and params.get("density", 1) < 1):
         if name not in block_thresholds:
@@ -482,12 +490,18 @@ def _prepare_blocks(segment: Sequence[Unit], inputs: _Inputs, method: MergeMetho
             if hs is not None:
                 block_thresholds[name] = hs
         thresholds = block_thresholds.get(name)
-    sums: dict[str, float] = {}
+    collector = SumCollector()
     for i, (u, b, exs) in enumerate(inputs.stream(segment)):
-        merge_unit(u, b, exs, thresholds=thresholds, collect=sums)
-        if i == 0 and not sums:
-            break
-    return {"thresholds": thresholds, "sums": sums or None}
+        collector.calls = 0
+        try:
+            merge_unit(u, b, exs, thresholds=thresholds, collect=collector)
+        except SumsCollected:
+            continue
+        if i == 0:
+            if collector.calls == 0:
+                break
+            collector.stop_after = collector.calls
+    return {"thresholds": thresholds, "sums": collector.values or None}
 
 
 def _segments(units: Sequence[Unit]) -> Iterator[list[Unit]]:

@@ -43,7 +43,7 @@ class TensorContext:
     model_seeds: tuple[int, ...] | None = None
     row_offset: int = 0
     sums: Mapping[str, float] | None = None
-    collect: dict[str, float] | None = None
+    collect: SumCollector | None = None
 
     def resolved_kind(self, base: torch.Tensor) -> TensorKind:
         if self.kind is not None:
@@ -59,8 +59,29 @@ class TensorContext:
             return self.sums[key]
         value = float(local())
         if self.collect is not None:
-            self.collect[key] = self.collect.get(key, 0.0) + value
+            self.collect.add(key, value)
         return value
+
+
+class SumsCollected(Exception):
+    """Raised by :meth:`TensorContext.tensor_sum` once a block has given every sum the method
+    asks for: the rest of the method's work on that block is not needed."""
+
+
+@dataclass
+class SumCollector:
+    """Accumulates a method's :meth:`TensorContext.tensor_sum` values over a tensor's row blocks.
+    ``stop_after``: the number of sums the method asks for (learnt on the first block)."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    calls: int = 0
+    stop_after: int | None = None
+
+    def add(self, key: str, value: float) -> None:
+        self.values[key] = self.values.get(key, 0.0) + value
+        self.calls += 1
+        if self.stop_after is not None and self.calls >= self.stop_after:
+            raise SumsCollected
 
 
 @dataclass(frozen=True)

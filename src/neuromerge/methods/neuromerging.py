@@ -98,6 +98,8 @@ def merge_neurons(w0: torch.Tensor, tv: torch.Tensor, *, lambda1: float, lambda2
     blocks = [slice(i, min(m, i + block)) for i in range(0, m, block)]
 
     c = torch.cat([neuron_coefficients(w0[b], tv[:, b].to(torch.float64)) for b in blocks], dim=1)
+    # tensor-wide sums first: a row-block pre-pass stops as soon as it has them
+    c_sum = tensor_sum("c", c.sum) if lambda1 != 0 else 0.0
     whole_orth_sum = None
     if orthogonal_merge == "ties":  # the element-wise election's tie-break needs Σ τ⊥ tensor-wide
         whole_orth_sum = tensor_sum("orthogonal", lambda: float(
@@ -114,9 +116,9 @@ def merge_neurons(w0: torch.Tensor, tv: torch.Tensor, *, lambda1: float, lambda2
             ortho[b] = merge_orthogonal_svd(orth, rank_threshold)
         else:
             ortho[b] = ties_merge(orth, whole_sum=whole_orth_sum)
-    delta = lambda2 * ortho
+    delta = ortho.mul_(lambda2)
     if lambda1 != 0:
-        c_bar = disjoint_mean(c, elect_sign(c, whole_sum=tensor_sum("c", c.sum)))
+        c_bar = disjoint_mean(c, elect_sign(c, whole_sum=c_sum))
         direction = w0
         if unit_parallel:
             norms = w0.norm(dim=-1, keepdim=True)
