@@ -117,3 +117,18 @@ def test_derive_seed_is_stable_and_distinct() -> None:
     assert derive_seed(0, "a") != derive_seed(0, "b")
     assert derive_seed(0, "a") != derive_seed(1, "a")
     assert 0 <= derive_seed("x") < 2**63
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("rounded", [False, True])
+def test_kth_largest_radix_path_matches_a_sort(seed: int, rounded: bool) -> None:
+    from neuromerge.kernels import _RADIX_MIN, kth_largest
+
+    gen = torch.Generator().manual_seed(seed)
+    mags = torch.randn(_RADIX_MIN + 4099, generator=gen).abs()
+    if rounded:  # many exact ties and zeros
+        mags = torch.round(mags * 8) / 8
+    ordered = torch.sort(mags.reshape(-1), descending=True).values
+    for k in (1, 2, 100, mags.numel() // 5, mags.numel() - 1, mags.numel()):
+        assert kth_largest(mags.reshape(-1, 7) if mags.numel() % 7 == 0 else mags, k) == float(
+            ordered[k - 1])

@@ -277,7 +277,10 @@ class _Inputs:
         ``kernels.task_vectors`` so thresholds match the merge pass bit for bit)."""
         b = self.to_compute(base)
         for t, ex in enumerate(experts):
-            yield t, magnitudes(self.to_compute(ex) - b)
+            ex = ex.to(self.device, non_blocking=True)
+            if ex.dtype.itemsize > b.dtype.itemsize:  # as kernels.task_vectors does
+                ex = ex.to(self.dtype)
+            yield t, magnitudes(torch.sub(ex, b))
 
 
 def compute_trim_stats(units: Sequence[Unit], inputs: _Inputs, *, density: float,

@@ -22,7 +22,8 @@ def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor],
     b = base.to(dtype)
     out = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)
     for i, t in enumerate(tensors):
-        torch.sub(t.to(dtype), b, out=out[i])
+        # a narrower input (bf16) is widened inside the subtraction, exactly, without a copy
+        torch.sub(t if t.dtype.itemsize <= out.dtype.itemsize else t.to(dtype), b, out=out[i])
     return out
 
 
@@ -40,10 +41,25 @@ def magnitudes(tv: torch.Tensor) -> torch.Tensor:
     return tv.abs().to(torch.float32)
 
 
+#: Below this many entries a sort-based selection is cheaper than two histogram passes.
+_RADIX_MIN = 1 << 16
+
+
 def kth_largest(mags: torch.Tensor, k: int) -> float:
-    """The k-th largest value of a non-negative tensor (k ≥ 1)."""
+    """The k-th largest value of a non-negative tensor (k ≥ 1), exactly.
+
+    Large tensors use the radix select over float32 bit patterns (two histogram passes, several
+    times faster than ``torch.kthvalue`` on the CPU)."""
     flat = mags.reshape(-1)
-    return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+    if flat.numel() < _RADIX_MIN or flat.dtype != torch.float32:
+        return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+    from neuromerge.thresholds import MagnitudeSelect
+
+    select = MagnitudeSelect(flat.device, track_l1=False)
+    select.add(flat)
+    select.locate(k)
+    select.refine(flat)
+    return select.result()[0]
 
 
 def trim(tv: torch.Tensor, density: float, thresholds: Sequence[float] | None = None, *,

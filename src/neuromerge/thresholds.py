@@ -24,8 +24,9 @@ class MagnitudeSelect:
     then read ``threshold`` and ``kept_l1`` (sum of the values ≥ threshold).
     """
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", *, track_l1: bool = True) -> None:
         self.device = torch.device(device)
+        self.track_l1 = track_l1  # the L1 masses cost a float64 pass; a bare threshold skips it
         self.counts = torch.zeros(_COARSE_BINS, dtype=torch.int64, device=self.device)
         self.sums = torch.zeros(_COARSE_BINS, dtype=torch.float64, device=self.device)
         self.n = 0
@@ -40,8 +41,9 @@ class MagnitudeSelect:
         for chunk in flat.split(_CHUNK):  # bounded temporaries whatever the tensor size
             coarse = chunk.contiguous().view(torch.int32) >> 16
             self.counts += torch.bincount(coarse, minlength=_COARSE_BINS)
-            self.sums += torch.bincount(coarse, weights=chunk.to(torch.float64),
-                                        minlength=_COARSE_BINS)
+            if self.track_l1:
+                self.sums += torch.bincount(coarse, weights=chunk.to(torch.float64),
+                                            minlength=_COARSE_BINS)
         self.n += flat.numel()
 
     @property
@@ -71,8 +73,9 @@ class MagnitudeSelect:
                 continue
             low = bits[sel] & 0xFFFF
             self._fine_counts += torch.bincount(low, minlength=_FINE_BINS)
-            self._fine_sums += torch.bincount(low, weights=chunk[sel].to(torch.float64),
-                                              minlength=_FINE_BINS)
+            if self.track_l1:
+                self._fine_sums += torch.bincount(low, weights=chunk[sel].to(torch.float64),
+                                                  minlength=_FINE_BINS)
 
     def result(self) -> tuple[float, float]:
         """(threshold, kept_l1): the exact k-th largest value and the sum of all values ≥ it."""

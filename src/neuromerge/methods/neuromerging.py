@@ -97,18 +97,22 @@ def merge_neurons(w0: torch.Tensor, tv: torch.Tensor, *, lambda1: float, lambda2
     block = max(1, BLOCK_BYTES // max(1, 8 * t_count * n))
     blocks = [slice(i, min(m, i + block)) for i in range(0, m, block)]
 
-    c = torch.cat([neuron_coefficients(w0[b], tv[:, b].to(torch.float64)) for b in blocks], dim=1)
+    c = None
+    if lambda1 != 0 or orthogonal_merge == "ties":  # needed before (or beyond) the row loop
+        c = torch.cat([neuron_coefficients(w0[b], tv[:, b].to(torch.float64)) for b in blocks],
+                      dim=1)
     # tensor-wide sums first: a row-block pre-pass stops as soon as it has them
-    c_sum = tensor_sum("c", c.sum) if lambda1 != 0 else 0.0
+    c_sum = tensor_sum("c", c.sum) if c is not None and lambda1 != 0 else 0.0
     whole_orth_sum = None
-    if orthogonal_merge == "ties":  # the element-wise election's tie-break needs Σ τ⊥ tensor-wide
+    if c is not None and orthogonal_merge == "ties":  # element-wise election: Σ τ⊥ tensor-wide
         whole_orth_sum = tensor_sum("orthogonal", lambda: float(
             tv.sum(dtype=torch.float64) - (c.sum(0) * w0.sum(-1)).sum()))
     ortho = torch.empty((m, n), dtype=torch.float64, device=tv.device)
     for b in blocks:
         orth = tv[:, b].to(torch.float64)
+        c_b = c[:, b] if c is not None else neuron_coefficients(w0[b], orth)
         row_norms = orth.norm(dim=-1)
-        orth -= c[:, b].unsqueeze(-1) * w0[b]
+        orth -= c_b.unsqueeze(-1) * w0[b]
         # An exactly parallel update leaves a rounding residue, not an orthogonal part.
         residue = orth.norm(dim=-1) <= RESIDUE_RTOL * row_norms
         orth.masked_fill_(residue.unsqueeze(-1), 0.0)
@@ -118,6 +122,7 @@ def merge_neurons(w0: torch.Tensor, tv: torch.Tensor, *, lambda1: float, lambda2
             ortho[b] = ties_merge(orth, whole_sum=whole_orth_sum)
     delta = ortho.mul_(lambda2)
     if lambda1 != 0:
+        assert c is not None
         c_bar = disjoint_mean(c, elect_sign(c, whole_sum=c_sum))
         direction = w0
         if unit_parallel:
