@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from neuromerge.errors import ConfigError, InputError
 from neuromerge.io.dtypes import NAME_TO_TORCH, dtype_name
 from neuromerge.io.reader import CheckpointReader, StateDictReader, TensorMeta
-from neuromerge.kernels import derive_seed, keep_count, kth_largest, magnitudes
+from neuromerge.kernels import derive_seed, keep_count, kth_largest
 from neuromerge.registry import (
     MergeMethod,
     SumCollector,
@@ -276,11 +276,11 @@ class _Inputs:
         """|τt| for each task in turn, holding two tensors at a time (same arithmetic as
         ``kernels.task_vectors`` so thresholds match the merge pass bit for bit)."""
         b = self.to_compute(base)
+        buf = torch.empty_like(b)  # reused: the caller is done with one task's |τ| before the next
         for t, ex in enumerate(experts):
-            ex = ex.to(self.device, non_blocking=True)
-            if ex.dtype.itemsize > b.dtype.itemsize:  # as kernels.task_vectors does
-                ex = ex.to(self.dtype)
-            yield t, magnitudes(torch.sub(ex, b))
+            buf.copy_(ex)
+            mags = buf.sub_(b).abs_()  # = kernels.magnitudes(θt − θ0), without temporaries
+            yield t, mags if mags.dtype == torch.float32 else mags.to(torch.float32)
 
 
 def compute_trim_stats(units: Sequence[Unit], inputs: _Inputs, *, density: float,

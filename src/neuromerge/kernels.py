@@ -22,8 +22,9 @@ def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor],
     b = base.to(dtype)
     out = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)
     for i, t in enumerate(tensors):
-        # a narrower input (bf16) is widened inside the subtraction, exactly, without a copy
-        torch.sub(t if t.dtype.itemsize <= out.dtype.itemsize else t.to(dtype), b, out=out[i])
+        # in place: no temporary per expert (each would be a fresh, page-faulting allocation)
+        out[i].copy_(t)
+        out[i].sub_(b)
     return out
 
 
