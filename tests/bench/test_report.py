@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from neuromerge.bench.report import markdown_table, summarize, write_report
+from neuromerge.bench.report import (
+    markdown_table,
+    paired_differences,
+    paired_table,
+    summarize,
+    write_report,
+)
 
 RECORDS = [
     {"kind": "expert", "seed": 0, "task": "a", "accuracy": 0.8},
@@ -44,3 +50,16 @@ def test_write_report_files(tmp_path: Path) -> None:
     csv_rows = (tmp_path / "results.csv").read_text().splitlines()
     assert csv_rows[0] == "mode,method,seed,task,accuracy" and len(csv_rows) == 1 + 8 + 4
     assert (tmp_path / "accuracy_default.png").stat().st_size > 1000
+
+
+def test_paired_differences_are_per_seed() -> None:
+    nm = [{"kind": "merge", "mode": "default", "method": "neuromerging", "seed": 0, "params": {},
+           "accuracy": {"a": 0.5, "b": 0.5}},
+          {"kind": "merge", "mode": "default", "method": "neuromerging", "seed": 1, "params": {},
+           "accuracy": {"a": 0.6, "b": 0.31}}]
+    s = summarize(RECORDS + nm, ["a", "b"])
+    # neuromerging avg: 0.5, 0.455; ties avg: 0.45, 0.525 -> +0.05, -0.07: mean -0.01, std 0.0849
+    d = paired_differences(s, "default")
+    assert d["ties"] == pytest.approx([0.05, -0.07])
+    assert paired_differences(s, "tuned") == {}
+    assert "| ties | +5.0, -7.0 | -1.0 ± 8.5 | 1 of 2 |" in paired_table(s, "default")

@@ -74,6 +74,36 @@ def markdown_table(summary: Mapping[str, Any], tasks: Sequence[str], mode: str) 
     return "\n".join(lines)
 
 
+def paired_differences(summary: Mapping[str, Any], mode: str, reference: str = "neuromerging"
+                       ) -> dict[str, list[float]]:
+    """``reference``'s average accuracy minus each other method's, seed by seed (same experts,
+    same splits), so a gap can be set against its own seed-to-seed spread."""
+    ref = summary.get(f"{mode}/{reference}")
+    if not ref:
+        return {}
+    ref_avg = dict(zip(ref["seeds"], ref["average"], strict=True))
+    out = {}
+    for v in summary.values():
+        if v["mode"] != mode or v["name"] == reference:
+            continue
+        other = dict(zip(v["seeds"], v["average"], strict=True))
+        seeds = sorted(set(ref_avg) & set(other))
+        if seeds:
+            out[v["name"]] = [ref_avg[s] - other[s] for s in seeds]
+    return out
+
+
+def paired_table(summary: Mapping[str, Any], mode: str, reference: str = "neuromerging") -> str:
+    diffs = paired_differences(summary, mode, reference)
+    lines = [f"| {reference} minus | per seed (points) | mean ± std | seeds ahead |",
+             "|---|---|---|---|"]
+    for name, d in sorted(diffs.items(), key=lambda kv: -statistics.fmean(kv[1])):
+        per = ", ".join(f"{100 * x:+.1f}" for x in d)
+        lines.append(f"| {name} | {per} | {_fmt(d)} | "
+                     f"{sum(x > 0 for x in d)} of {len(d)} |")
+    return "\n".join(lines)
+
+
 def write_report(records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any], out: Path
                  ) -> dict[str, Any]:
     recs = list(records)
@@ -88,6 +118,9 @@ def write_report(records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any], 
               "tuned": "With validation (main hyper-parameters chosen on the validation splits)"}
     for mode in modes:
         parts += [f"## {titles[mode]}", "", markdown_table(summary, tasks, mode), ""]
+        if paired_differences(summary, mode):
+            parts += ["NeuroMerging's average accuracy minus each method's, paired by seed:", "",
+                      paired_table(summary, mode), ""]
     secs = meta.get("seconds", {})
     parts += ["## Where the time went", "", "| phase | seconds |", "|---|---|"]
     parts += [f"| {k} | {v:.0f} |" for k, v in secs.items()]
