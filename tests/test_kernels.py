@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from neuromerge.kernels import (
@@ -132,3 +134,16 @@ def test_kth_largest_radix_path_matches_a_sort(seed: int, rounded: bool) -> None
     for k in (1, 2, 100, mags.numel() // 5, mags.numel() - 1, mags.numel()):
         assert kth_largest(mags.reshape(-1, 7) if mags.numel() % 7 == 0 else mags, k) == float(
             ordered[k - 1])
+
+
+@given(st.integers(1, 4), st.integers(0, 40), st.integers(0, 2**31 - 1), st.booleans())
+def test_disjoint_mean_in_place_equals_the_per_task_loop(t: int, n: int, seed: int,
+                                                         ints: bool) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(t, n, generator=gen)
+    if ints:  # exact zeros and cancellations
+        v = torch.round(v * 2)
+    sign = elect_sign(v)
+    expected = disjoint_mean(v, sign)
+    got = disjoint_mean(v.clone(), sign, inplace=True)
+    assert_close(got, expected, rtol=1e-6, atol=1e-7)

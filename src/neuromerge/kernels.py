@@ -99,9 +99,16 @@ def elect_sign(values: torch.Tensor, *, tensor_fallback: bool = True,
     return torch.where(s == 0, torch.full_like(s, fallback), s)
 
 
-def disjoint_mean(values: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+def disjoint_mean(values: torch.Tensor, sign: torch.Tensor, *,
+                  inplace: bool = False) -> torch.Tensor:
     """Mean over dim 0 of the non-zero entries whose sign agrees with ``sign`` (±1); 0 where none
-    do. Accumulated one task at a time so the temporaries are one tensor, not T."""
+    do. ``inplace`` works in ``values`` itself (destroying it): a few passes over it and no
+    (T, ...) temporaries; otherwise one task at a time, so the temporaries are one tensor."""
+    if inplace:
+        values.mul_(sign)  # > 0 exactly where non-zero and of the elected sign
+        count = (values > 0).sum(dim=0, dtype=values.dtype)
+        total = values.clamp_(min=0).sum(dim=0)
+        return total.mul_(sign).div_(count.clamp_(min=1))
     total = torch.zeros(sign.shape, dtype=values.dtype, device=values.device)
     count = torch.zeros(sign.shape, dtype=values.dtype, device=values.device)
     for v in values:
@@ -111,9 +118,11 @@ def disjoint_mean(values: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     return total / count.clamp(min=1)
 
 
-def ties_merge(tv: torch.Tensor, whole_sum: float | None = None) -> torch.Tensor:
-    """Elect + disjoint mean, element-wise, of already-trimmed task vectors."""
-    return disjoint_mean(tv, elect_sign(tv, whole_sum=whole_sum))
+def ties_merge(tv: torch.Tensor, whole_sum: float | None = None, *,
+               inplace: bool = False) -> torch.Tensor:
+    """Elect + disjoint mean, element-wise, of already-trimmed task vectors (``inplace``: ``tv``
+    is a scratch copy the caller no longer needs)."""
+    return disjoint_mean(tv, elect_sign(tv, whole_sum=whole_sum), inplace=inplace)
 
 
 def derive_seed(*parts: object) -> int:

@@ -52,4 +52,5 @@ def dare_ties(
 
     The random drop replaces TIES' magnitude trim."""
     tv = dropped_task_vectors(base, tensors, drop_rate, seed, ctx)
-    return base + scale * ties_merge(tv, whole_sum=ctx.tensor_sum("tv", tv.sum))
+    return base + scale * ties_merge(tv, whole_sum=ctx.tensor_sum("tv", tv.sum),
+                                      inplace=True)

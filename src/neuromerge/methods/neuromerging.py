@@ -119,7 +119,7 @@ def merge_neurons(w0: torch.Tensor, tv: torch.Tensor, *, lambda1: float, lambda2
         if orthogonal_merge == "svd":
             ortho[b] = merge_orthogonal_svd(orth, rank_threshold)
         else:
-            ortho[b] = ties_merge(orth, whole_sum=whole_orth_sum)
+            ortho[b] = ties_merge(orth, whole_sum=whole_orth_sum, inplace=True)
     delta = ortho.mul_(lambda2)
     if lambda1 != 0:
         assert c is not None
@@ -188,7 +188,8 @@ def neuromerging(
     official = compat == "official"
     if ctx.resolved_kind(base) == "point":
         scale = (lambda1 + lambda2) / 2 if official else lambda_point
-        return base + scale * ties_merge(tv, whole_sum=ctx.tensor_sum("tv", tv.sum))
+        return base + scale * ties_merge(tv, whole_sum=ctx.tensor_sum("tv", tv.sum),
+                                              inplace=True)
     rows = base.shape[0]
     delta = merge_neurons(
         base.reshape(rows, -1), tv.reshape(tv.shape[0], rows, -1), lambda1=lambda1,
