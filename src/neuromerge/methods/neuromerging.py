@@ -5,7 +5,7 @@ subspace orthogonal to it (a rotation: task adaptability). Rules: shared/spec/ne
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import torch
 from pydantic import Field
@@ -40,15 +40,24 @@ def neuron_coefficients(w0: torch.Tensor, tv: torch.Tensor) -> torch.Tensor:
     return torch.where(norms2 > 0, dots / safe, torch.zeros_like(dots))
 
 
-def merge_orthogonal_svd(orth: torch.Tensor, rank_threshold: float = 1.0) -> torch.Tensor:
-    """TIES in each neuron's SVD frame. ``orth``: (T, m, n) orthogonal parts; returns (m, n).
+class NeuronFrames(NamedTuple):
+    """Each neuron's SVD frame of its T orthogonal parts (``svd_frames``): M = U S Vᵀ."""
 
-    Per row: M = U S Vᵀ (T × n); coordinates A = M V = U S; s_j = sign(Σt A_tj) (0 → +, with
-    each direction's sign fixed so its largest |u_tj| is positive);
-    ā_j = mean of the non-zero A_tj with sign s_j; O = Σj ā_j v_j = Mᵀ U diag(ā / S).
-    Computed for all rows at once from the T × T Gram matrices M Mᵀ = U S² Uᵀ (batched eigh).
-    With ``rank_threshold`` ρ < 1 only the leading directions whose cumulative S² share first
-    reaches ρ are kept."""
+    u: torch.Tensor  # (m, T, r) left singular vectors, each direction's sign fixed
+    s: torch.Tensor  # (m, r) singular values, descending
+    keep: torch.Tensor  # (m, r) directions that take part (not numerically null, within ρ)
+    coords: torch.Tensor  # (m, T, r) coordinates A = U S, rounding of zeros set to 0
+
+
+def svd_frames(orth: torch.Tensor, rank_threshold: float = 1.0) -> NeuronFrames:
+    """The per-neuron SVD frames NeuroMerging merges in. ``orth``: (T, m, n) orthogonal parts.
+
+    Per row: M = U S Vᵀ (T × n), from the T × T Gram matrices M Mᵀ = U S² Uᵀ (batched eigh);
+    each direction's sign is fixed so its largest |u_tj| is positive (first on ties); directions
+    with s_j ≤ 1e-6 · s_max are dropped, and with ``rank_threshold`` ρ < 1 so are those after the
+    leading ones whose cumulative S² share first reaches ρ. Coordinates A = U S; a task whose
+    orthogonal row is exactly zero has exactly zero coordinates, and coordinates below 1e-10 ·
+    s_max are rounding of zeros."""
     m_rows = orth.transpose(0, 1)  # (m, T, n), row-major per neuron
     gram = m_rows @ m_rows.transpose(1, 2)
     evals, u = torch.linalg.eigh(gram)
@@ -70,11 +79,35 @@ def merge_orthogonal_svd(orth: torch.Tensor, rank_threshold: float = 1.0) -> tor
     zero_row = (m_rows == 0).all(dim=-1, keepdim=True)
     tiny = coords.abs() <= RESIDUE_RTOL * s_max.unsqueeze(1)
     coords = torch.where(zero_row | tiny, torch.zeros_like(coords), coords)
+    return NeuronFrames(u, s, keep, coords)
+
+
+def merge_orthogonal_svd(orth: torch.Tensor, rank_threshold: float = 1.0) -> torch.Tensor:
+    """TIES in each neuron's SVD frame. ``orth``: (T, m, n) orthogonal parts; returns (m, n).
+
+    Per row: M = U S Vᵀ (T × n); coordinates A = M V = U S; s_j = sign(Σt A_tj) (0 → +, with
+    each direction's sign fixed so its largest |u_tj| is positive);
+    ā_j = mean of the non-zero A_tj with sign s_j; O = Σj ā_j v_j = Mᵀ U diag(ā / S).
+    Computed for all rows at once from the T × T Gram matrices M Mᵀ = U S² Uᵀ (batched eigh,
+    ``svd_frames``). With ``rank_threshold`` ρ < 1 only the leading directions whose cumulative
+    S² share first reaches ρ are kept."""
+    u, s, keep, coords = svd_frames(orth, rank_threshold)
     a = coords.transpose(0, 1)  # (T, m, r)
     a_bar = disjoint_mean(a, elect_sign(a, tensor_fallback=False))
     inv_s = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
     weights = torch.einsum("mtr,mr->mt", u, a_bar * inv_s)  # O = Σt weights_t · M_t
     return torch.einsum("mt,tmn->mn", weights, orth)
+
+
+def remove_parallel_(rows: torch.Tensor, w0: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """τ⊥ = τ − c · w0 in place on ``rows`` (T, m, n), ``c`` (T, m) from ``neuron_coefficients``.
+
+    An exactly parallel update leaves a rounding residue, not an orthogonal part: a row whose
+    orthogonal part is at most 1e-10 of its task-vector row is set to exactly zero."""
+    row_norms = rows.norm(dim=-1)
+    rows -= c.unsqueeze(-1) * w0
+    residue = rows.norm(dim=-1) <= RESIDUE_RTOL * row_norms
+    return rows.masked_fill_(residue.unsqueeze(-1), 0.0)
 
 
 def merge_neurons(w0: torch.Tensor, tv: torch.Tensor, *, lambda1: float, lambda2: float,
@@ -111,11 +144,7 @@ def merge_neurons(w0: torch.Tensor, tv: torch.Tensor, *, lambda1: float, lambda2
     for b in blocks:
         orth = tv[:, b].to(torch.float64)
         c_b = c[:, b] if c is not None else neuron_coefficients(w0[b], orth)
-        row_norms = orth.norm(dim=-1)
-        orth -= c_b.unsqueeze(-1) * w0[b]
-        # An exactly parallel update leaves a rounding residue, not an orthogonal part.
-        residue = orth.norm(dim=-1) <= RESIDUE_RTOL * row_norms
-        orth.masked_fill_(residue.unsqueeze(-1), 0.0)
+        remove_parallel_(orth, w0[b], c_b)
         if orthogonal_merge == "svd":
             ortho[b] = merge_orthogonal_svd(orth, rank_threshold)
         else:
