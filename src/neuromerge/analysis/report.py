@@ -29,7 +29,7 @@ DEFINITIONS = """\
   neurons: their energy share is n/a, and *point tensors* gives their part of ‖τt‖².
 - **c**: how much fine-tuning rescaled each neuron (τ∥ = c · w0: the row became (1 + c) w0 plus
   its orthogonal turn). Quantiles over all neurons, from a histogram with 100 log bins per decade
-  (±1.2 %; exact at 0 and at min/max).
+  (±1.2 %; exact where a bin holds a single value: 0, a constant c).
 - **Element-wise sign conflict rate**: among the entries where at least two tasks are non-zero,
   the share whose non-zero values do not all have the same sign (TIES' interference). *Lost
   energy*: the share of Σt τt² on entries against the elected sign(Σt τt), which TIES' disjoint

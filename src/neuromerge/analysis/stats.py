@@ -305,12 +305,12 @@ def derive(rec: Record) -> dict[str, Any]:
 class CHistogram:
     """Streaming histogram of the coefficients c, per task and per key (module type), in
     log-spaced bins of |c| on each side of an exact-zero bin: ``PER_DECADE`` bins per decade
-    from 10^``LOG_MIN`` to 10^``LOG_MAX`` (values beyond go to the end bins). Exact count, min,
-    max, sum and sum of squares are kept beside it. Memory is fixed, whatever the model size.
+    from 10^``LOG_MIN`` to 10^``LOG_MAX`` (values beyond go to the end bins), with the exact
+    smallest and largest value of each bin. Memory is fixed, whatever the model size.
 
-    A quantile is the representative value (geometric bin centre) of the bin holding it, clamped
-    to the exact [min, max]: within ±1.2 % of the true quantile for |c| in range, exact at 0 and
-    wherever all values are equal."""
+    A quantile is the representative value (geometric centre) of the bin holding it, clamped to
+    that bin's exact [min, max]: within ±1.2 % of the true quantile for |c| in range, and exact
+    where the bin holds one distinct value (zeros, the extremes, a constant c)."""
 
     PER_DECADE = 100
     LOG_MIN = -12
@@ -321,8 +321,8 @@ class CHistogram:
     def __init__(self, n_tasks: int) -> None:
         self.n_tasks = n_tasks
         self.counts: dict[Hashable, np.ndarray] = {}
-        self.lo: dict[Hashable, np.ndarray] = {}
-        self.hi: dict[Hashable, np.ndarray] = {}
+        self.bin_min: dict[Hashable, np.ndarray] = {}  # smallest and largest value in each bin
+        self.bin_max: dict[Hashable, np.ndarray] = {}
 
     def bin_index(self, c: torch.Tensor) -> torch.Tensor:
         mag = c.abs()
@@ -341,23 +341,28 @@ class CHistogram:
         """Count ``c`` (T, m): row t holds task t's coefficients."""
         if c.numel() == 0:
             return
+        c = c.to(torch.float64)
         idx = self.bin_index(c)
-        counts = self.counts.setdefault(key, np.zeros((self.n_tasks, self.N_BINS), np.int64))
+        shape = (self.n_tasks, self.N_BINS)
+        counts = self.counts.setdefault(key, np.zeros(shape, np.int64))
+        lo = self.bin_min.setdefault(key, np.full(shape, np.inf))
+        hi = self.bin_max.setdefault(key, np.full(shape, -np.inf))
+        inf = torch.full((self.N_BINS,), math.inf, dtype=torch.float64, device=c.device)
         for t in range(self.n_tasks):
             counts[t] += torch.bincount(idx[t], minlength=self.N_BINS).cpu().numpy()
-        lo, hi = c.min(dim=1).values.cpu().numpy(), c.max(dim=1).values.cpu().numpy()
-        self.lo[key] = np.minimum(self.lo.get(key, lo), lo)
-        self.hi[key] = np.maximum(self.hi.get(key, hi), hi)
+            lo[t] = np.minimum(lo[t], inf.scatter_reduce(0, idx[t], c[t], "amin").cpu().numpy())
+            hi[t] = np.maximum(hi[t], (-inf).scatter_reduce(0, idx[t], c[t], "amax")
+                               .cpu().numpy())
 
     def _select(self, keys: Sequence[Hashable] | None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         keys = [k for k in (self.counts if keys is None else keys) if k in self.counts]
         if not keys:
             return None
-        counts = sum(self.counts[k] for k in keys)
-        lo = np.min([self.lo[k] for k in keys], axis=0)
-        hi = np.max([self.hi[k] for k in keys], axis=0)
-        return counts, lo, hi  # type: ignore[return-value]
+        counts = np.sum([self.counts[k] for k in keys], axis=0)
+        lo = np.min([self.bin_min[k] for k in keys], axis=0)
+        hi = np.max([self.bin_max[k] for k in keys], axis=0)
+        return counts, lo, hi
 
     def histogram(self, keys: Sequence[Hashable] | None = None) -> np.ndarray | None:
         """Counts (T, N_BINS) over ``keys`` (all keys: None)."""
@@ -377,16 +382,12 @@ class CHistogram:
         for t in range(self.n_tasks):
             n = int(counts[t].sum())
             cum = np.cumsum(counts[t])
-            row: dict[str, Any] = {"count": n, "min": float(lo[t]), "max": float(hi[t]),
-                                   "zero_share": float(counts[t][self.N_SIDE] / n) if n else None}
+            filled = np.nonzero(counts[t])[0]
+            row: dict[str, Any] = {
+                "count": n, "min": float(lo[t][filled[0]]), "max": float(hi[t][filled[-1]]),
+                "zero_share": float(counts[t][self.N_SIDE] / n)}
             for q in quantiles:
-                rank = max(1, math.ceil(q * n))
-                if rank >= n:
-                    v = float(hi[t])
-                elif rank == 1:
-                    v = float(lo[t])
-                else:
-                    v = float(np.clip(values[int(np.searchsorted(cum, rank))], lo[t], hi[t]))
-                row[f"p{100 * q:g}"] = v
+                b = int(np.searchsorted(cum, max(1, math.ceil(q * n))))
+                row[f"p{100 * q:g}"] = float(np.clip(values[b], lo[t][b], hi[t][b]))
             out.append(row)
         return out
