@@ -111,8 +111,9 @@ def markdown(s: Mapping[str, Any], plots: Sequence[str] | None) -> str:
     d0 = s["conflict_density"]
     ov = s["overall"]
     counts = s["tensor_counts"]
+    plural = "" if len(tasks) == 1 else "s"
     lines = ["# neuromerge analyze", "",
-             f"Base `{s['inputs']['base']}`; {len(tasks)} experts: " +
+             f"Base `{s['inputs']['base']}`; {len(tasks)} expert{plural}: " +
              ", ".join(f"**{t}** (`{src}`)" for t, src in zip(tasks, s["inputs"]["experts"],
                                                               strict=True)) + ".", "",
              f"{counts['neuronal']} neuronal tensors ({ov['neurons']:,} neurons), "

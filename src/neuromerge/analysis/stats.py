@@ -153,9 +153,8 @@ def elementwise(values: torch.Tensor, *, pairwise: bool = True) -> dict[str, Any
         sums["contested"] += float((pos + neg >= 2).sum())
         sums["conflicting"] += float(((pos > 0) & (neg > 0)).sum())
         sign = elect_sign(c64, tensor_fallback=False)
-        sq = c64 * c64
-        sums["energy"] += float(sq.sum())
-        sums["lost"] += float(torch.where(c64 * sign < 0, sq, torch.zeros_like(sq)).sum())
+        sums["energy"] += float((c64 * c64).sum())
+        sums["lost"] += float((c64 * sign).clamp_(max=0).square_().sum())
         if pairwise:
             sg = torch.sign(chunk).to(torch.int8)
             for a in range(t_count):
