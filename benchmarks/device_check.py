@@ -22,9 +22,9 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from perf import PRESETS, ensure_models  # noqa: E402
+from perf import PRESETS, ensure_models
 
-from neuromerge import merge  # noqa: E402
+from neuromerge import merge
 
 METHODS = {
     "task_arithmetic": {"scale": 0.3},
