@@ -36,6 +36,11 @@ def keep_count(density: float, n: int) -> int:
     return min(n, max(1, k))
 
 
+def floor_count(fraction: float, n: int) -> int:
+    """⌊fraction · n⌋, exact for decimal fractions: 0.01 of 300 entries is 3, not 2."""
+    return max(0, math.floor(Fraction(repr(float(fraction))) * n))
+
+
 def magnitudes(tv: torch.Tensor) -> torch.Tensor:
     """|τ| in float32: trimming ranks magnitudes at float32 precision whatever the compute dtype,
     so the streaming global threshold (which selects over float32 bit patterns) is exact."""
@@ -99,21 +104,40 @@ def elect_sign(values: torch.Tensor, *, tensor_fallback: bool = True,
     return torch.where(s == 0, torch.full_like(s, fallback), s)
 
 
-def disjoint_mean(values: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """Mean over dim 0 of the non-zero entries whose sign agrees with ``sign`` (±1); 0 where none
-    do. Accumulated one task at a time so the temporaries are one tensor, not T."""
+def _agreeing(values: torch.Tensor, sign: torch.Tensor, *, count: bool
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Σ over dim 0 of the non-zero entries whose sign agrees with ``sign`` (±1), and (``count``)
+    how many there are. Accumulated one task at a time so the temporaries are one tensor, not T."""
     total = torch.zeros(sign.shape, dtype=values.dtype, device=values.device)
-    count = torch.zeros(sign.shape, dtype=values.dtype, device=values.device)
+    n = torch.zeros(sign.shape, dtype=values.dtype, device=values.device) if count else None
     for v in values:
         agree = (v * sign) > 0  # non-zero and of the elected sign
         total += torch.where(agree, v, 0.0)
-        count += agree
-    return total / count.clamp(min=1)
+        if n is not None:
+            n += agree
+    return total, n
 
 
-def ties_merge(tv: torch.Tensor, whole_sum: float | None = None) -> torch.Tensor:
-    """Elect + disjoint mean, element-wise, of already-trimmed task vectors."""
-    return disjoint_mean(tv, elect_sign(tv, whole_sum=whole_sum))
+def disjoint_mean(values: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 0 of the non-zero entries whose sign agrees with ``sign`` (±1); 0 where none
+    do."""
+    total, n = _agreeing(values, sign, count=True)
+    assert n is not None
+    return total / n.clamp(min=1)
+
+
+def disjoint_sum(values: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 of the non-zero entries whose sign agrees with ``sign`` (±1): the TIES
+    code's "dis-sum" aggregation (TALL masks / Consensus merging use it)."""
+    return _agreeing(values, sign, count=False)[0]
+
+
+def ties_merge(tv: torch.Tensor, whole_sum: float | None = None, *,
+               aggregate: str = "mean") -> torch.Tensor:
+    """Elect + disjoint mean (``aggregate="sum"``: disjoint sum), element-wise, of already-trimmed
+    task vectors."""
+    sign = elect_sign(tv, whole_sum=whole_sum)
+    return disjoint_sum(tv, sign) if aggregate == "sum" else disjoint_mean(tv, sign)
 
 
 def derive_seed(*parts: object) -> int:
