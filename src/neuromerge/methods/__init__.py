@@ -7,8 +7,10 @@ from neuromerge.methods.consensus import consensus_ta, consensus_ties
 from neuromerge.methods.dare import dare_linear, dare_ties
 from neuromerge.methods.neuromerging import neuromerging
 from neuromerge.methods.pcb import pcb
+from neuromerge.methods.svd import iso_c, iso_cts, tsv_m
 from neuromerge.methods.task_arithmetic import task_arithmetic
 from neuromerge.methods.ties import ties
 
 __all__ = ["average", "breadcrumbs", "consensus_ta", "consensus_ties", "dare_linear",
-           "dare_ties", "neuromerging", "pcb", "task_arithmetic", "ties"]
+           "dare_ties", "iso_c", "iso_cts", "neuromerging", "pcb", "task_arithmetic", "ties",
+           "tsv_m"]
