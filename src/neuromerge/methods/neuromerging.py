@@ -146,6 +146,10 @@ def lambda2_auto(stats: TrimStats | None) -> float:
 def _resolve(params: dict[str, Any], stats: TrimStats | None) -> dict[str, Any]:
     if params["lambda2"] == "auto":
         params["lambda2"] = lambda2_auto(stats)
+    return _lambda_point_follows(params)
+
+
+def _lambda_point_follows(params: dict[str, Any]) -> dict[str, Any]:
     if params["lambda_point"] is None:
         params["lambda_point"] = params["lambda2"]
     return params
@@ -221,9 +225,7 @@ def neuromerging(
 def _resolve_dare(params: dict[str, Any], stats: TrimStats | None) -> dict[str, Any]:
     if params["lambda2"] == "auto":
         params["lambda2"] = 1.0  # DARE's rescale already restores each task's expected L1 mass
-    if params["lambda_point"] is None:
-        params["lambda_point"] = params["lambda2"]
-    return params
+    return _lambda_point_follows(params)
 
 
 @merge_method(
@@ -247,10 +249,11 @@ def dare_neuromerging(
 ) -> torch.Tensor:
     """DARE + NeuroMerging: θ = θ0 + λ1 · P + λ2 · O over DARE-sparsified τ̃t = τt ⊙ mt / (1 − p).
 
-    As in the released NeuroMerging code's DARE option, DARE's random drop with rescale
-    (mt ~ Bernoulli(1 − p) from model t's seeded stream, exactly as `dare_linear`/`dare_ties`)
-    replaces the magnitude trim; the neuron-subspace merge is NeuroMerging's, unchanged. Point
-    tensors: θ0 + λ_point · TIES(τ̃).
+    DARE's random drop with rescale (mt ~ Bernoulli(1 − p) from model t's seeded stream, exactly
+    as `dare_linear`/`dare_ties` draw it) replaces the magnitude trim, as the released
+    NeuroMerging code allows; the neuron-subspace merge is NeuroMerging's, unchanged. Point
+    tensors: θ0 + λ_point · TIES(τ̃). A separate method rather than an option of `neuromerging`,
+    so that each lists only the parameters it uses (no density here, no seed there).
 
     λ2 = auto is 1, not 1/(1 − σ): σ measures the L1 mass the trim removed without putting it
     back, whereas the survivors of a DARE drop are already scaled by 1/(1 − p), so E‖τ̃t‖₁ =

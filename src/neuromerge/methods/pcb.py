@@ -83,19 +83,20 @@ def pcb(
 ) -> torch.Tensor:
     """Parameter competition balancing: θ = θ0 + λ · Σt wt ⊙ τ̂t / Σt wt.
 
-    Per tensor and task t (the released code's rules): τ̂t is τt with its magnitudes clipped to
-    their `clip` and 1 − `clip` quantiles; intra-balancing exp(T · Norm(|τ̂t|)²) (the paper's
-    Softmax(T · Norm(τt ⊙ τt)) up to a per-task factor); inter-balancing tanh(τt ⊙ Σs τs);
-    score = intra ⊙ inter; entries below the task's k-th largest score (k = ceil(ratio · N)) are
-    dropped and the rest rescaled to weights wt = (score − q) / (max − q) ∈ [0, 1]; the merged
-    entry is the weighted mean of the τ̂t (0 where every weight is 0). Norm is a min-max
-    normalisation over the task's entries.
+    Per tensor and task t, the released code's rules: τ̂t is τt with its magnitudes clipped to
+    their `clip` and 1 − `clip` quantiles; intra-balancing exp(T · Norm(|τ̂t|)²) (the code's form
+    of the paper's Softmax(T · Norm(τt ⊙ τt)): a softmax denominator is a per-task factor, which
+    the per-task weight normalisation cancels); inter-balancing tanh(τt ⊙ Σs τs) (the code's form
+    of the paper's Σs Softmax(Norm(τt ⊙ τs))); score = intra ⊙ inter; entries below the task's
+    k-th largest score (k = ceil(ratio · N)) are dropped and the rest get weights
+    wt = (score − q) / (max − q) ∈ [0, 1]; the merged entry is the weighted mean of the τ̂t (0
+    where every weight is 0). Norm is a min-max normalisation over the task's entries.
 
     The released code scores the whole flattened model at once; this engine streams tensor by
-    tensor, so the quantiles and normalisations are per tensor (PCB's "layer" granularity) and a
-    tensor is merged whole (not row-local). Defaults: ratio 0.1 and clip 0.0001 are
-    `pcb-merging.py`'s; λ = 1 because the result is a weighted mean (the paper searches λ on
-    validation data around 1)."""
+    tensor, so quantiles and normalisations are taken per tensor, and a tensor is merged whole
+    (not row-local). Defaults: ratio 0.1 and clip 0.0001 are `pcb-merging.py`'s; λ = 1 because
+    the result is a weighted mean (the released scripts search λ on validation data, from about
+    0.8 to 2)."""
     tv = task_vectors(base, tensors, base.dtype).reshape(len(tensors), -1)
     if tv.shape[1] == 0:
         return base.clone()
