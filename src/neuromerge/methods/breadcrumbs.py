@@ -1,4 +1,4 @@
-"""Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): drop each task vector's largest and
+"""Model Breadcrumbs (Davari & Belilovsky, arXiv 2312.06795): drop each task vector's largest and
 smallest magnitudes per layer, then task arithmetic."""
 
 from __future__ import annotations

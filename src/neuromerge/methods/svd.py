@@ -1,5 +1,5 @@
 """Per-layer SVD merges: TSV-M (task singular vectors, Gargiulo et al., CVPR 2025) and Iso-C /
-Iso-CTS (isotropic merging, Marczak et al., ICML 2025).
+Iso-CTS (isotropic merging, Marczak et al., arXiv 2502.04959).
 
 Each neuronal tensor is one matrix (rows × the rest: a conv kernel (out, in, kh, kw) is
 (out, in·kh·kw)); point tensors (1-D, 0-D) are averaged, as the reference implementations do
@@ -168,10 +168,10 @@ def iso_c(
     min(m, n) singular values: the spectrum is flattened so that no direction dominates. Point
     tensors: θ0 + α · mean_t τt.
 
-    As the reference (FusionBench `iso_c`, the authors' code), every 2-D tensor takes the rule;
-    σ̄ is given only to the numerically non-zero directions (the reference would also give it to
-    arbitrary null-space directions of a rank-deficient sum). Default α = 1, FusionBench's
-    default; the paper picks α on validation data."""
+    As FusionBench's `iso_c` (the sum; the TSV repository's copy takes the mean, i.e. σ̄/T),
+    every 2-D tensor takes the rule; σ̄ is given only to the numerically non-zero directions (the
+    reference would also give it to arbitrary null-space directions of a rank-deficient sum).
+    Default α = 1, FusionBench's default; the paper picks α on validation data."""
     return _merge(base, tensors, ctx, alpha, iso_c_merge)
 
 
