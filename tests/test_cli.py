@@ -26,7 +26,9 @@ from neuromerge import __version__
 from neuromerge.examples import make_bert_family
 from neuromerge.io.reader import open_checkpoint
 
-METHODS = ["average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "neuromerging"]
+METHODS = ["average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "neuromerging",
+           "dare_neuromerging", "pcb", "breadcrumbs", "consensus_ta", "consensus_ties", "tsv_m",
+           "iso_c", "iso_cts"]
 SUPPORT = ["config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
 OUTPUT_FILES = sorted(["README.md", "model.safetensors", "neuromerge_config.yaml",
                        "neuromerge_result.json", *SUPPORT])
@@ -995,6 +997,7 @@ def test_methods_json(run_cli: Callable[..., tuple[int, str, str]]) -> None:
     assert params["task_arithmetic"]["scale"]["default"] == 0.3
     assert data["dare_ties"]["per_model_parameters"] == ["seed"]
     assert data["ties"]["per_model_parameters"] == []
+    assert data["ties"]["row_local"] and not data["tsv_m"]["row_local"]
     assert all(m["reference"].startswith("https://") and m["summary"] for m in data.values())
     assert all(p["description"] for m in params.values() for p in m.values())
 
@@ -1006,6 +1009,7 @@ def test_methods_text_and_markdown(run_cli: Callable[..., tuple[int, str, str]])
         assert re.search(rf"^{m}  \(https://", text, re.M), m
     assert "    density: float = 0.2" in text
     assert "    per-model: seed" in text
+    assert "    whole tensors only (not row-local)" in text
     code, md, _ = run_cli("methods", "--format", "markdown")
     assert code == 0
     assert md.startswith("# Merge methods")

@@ -32,7 +32,16 @@ CASES = [
     ("neuromerging", {"orthogonal_merge": "ties", "lambda1": 1.0, "density": 0.5}),
     ("neuromerging", {"compat": "official", "lambda1": 0.5, "lambda2": 1.2}),
     ("neuromerging", {"rank_threshold": 0.6, "density": 0.3}),
+    ("dare_neuromerging", {"seed": 3}),
+    ("dare_neuromerging", {"seed": 1, "drop_rate": 0.3, "lambda1": 0.5,
+                           "orthogonal_merge": "ties"}),
+    ("consensus_ta", {"tall_lambda": 0.3}),
+    ("consensus_ties", {"trim_scope": "tensor", "density": 0.5}),
+    ("consensus_ties", {"trim_scope": "global", "aggregate": "mean", "k": 1}),
 ]
+
+#: Methods whose merged rows depend on other rows (per-tensor order statistics, an SVD).
+WHOLE_TENSOR = ["breadcrumbs", "pcb", "tsv_m", "iso_c", "iso_cts"]
 
 
 def tie_heavy_models(n_experts: int = 3) -> tuple[dict, list[dict]]:
@@ -122,6 +131,25 @@ def test_a_method_that_needs_whole_tensors_is_refused(monkeypatch: pytest.Monkey
     with pytest.raises(ConfigError, match=r"'emb' does not fit the memory budget .* not "
                                           r"row-local\): raise --memory-limit"):
         merge_state_dicts(base, experts, whole_only)
+
+
+@pytest.mark.parametrize("method", WHOLE_TENSOR)
+def test_whole_tensor_methods_are_refused_rather_than_blocked(
+        method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not get_method(method).row_local
+    base, experts = tie_heavy_models()
+    per = engine.bytes_per_entry(3, 4, torch.float32)
+    monkeypatch.setattr(engine, "memory_budget", lambda limit: per * 10)
+    with pytest.raises(ConfigError, match=r"not row-local"):
+        merge_state_dicts(base, experts, method)
+
+
+def test_every_method_is_classified() -> None:
+    from neuromerge.registry import all_methods
+
+    names = {m.name for m in all_methods()}
+    assert {m for m, _ in CASES} | set(WHOLE_TENSOR) == names
+    assert {m.name for m in all_methods() if not m.row_local} == set(WHOLE_TENSOR)
 
 
 def test_a_memory_limit_below_the_start_up_footprint_is_refused() -> None:

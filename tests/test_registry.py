@@ -24,7 +24,8 @@ from neuromerge.registry import (
 def test_builtin_methods_are_registered_with_references() -> None:
     names = {m.name for m in all_methods()}
     assert {"average", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-            "neuromerging"} <= names
+            "neuromerging", "dare_neuromerging", "pcb", "breadcrumbs", "consensus_ta",
+            "consensus_ties", "tsv_m", "iso_c", "iso_cts"} <= names
     for m in all_methods():
         assert m.reference_url.startswith("https://")
         assert m.summary and "=" in m.summary  # the equation is in the docstring

@@ -324,6 +324,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
             "parameters": [{"name": p.name, "type": p.type_name, "default": p.default,
                             "description": p.description} for p in m.params],
             "per_model_parameters": list(m.per_model_params),
+            "row_local": m.row_local,
         } for m in methods], indent=2))
     elif args.format == "markdown":
         print(methods_markdown(methods))
@@ -337,6 +338,8 @@ def _cmd_methods(args: argparse.Namespace) -> int:
                     print(f"        {p.description}")
             if m.per_model_params:
                 print(f"    per-model: {', '.join(m.per_model_params)}")
+            if not m.row_local:
+                print("    whole tensors only (not row-local)")
             print()
     return 0
 
@@ -359,6 +362,9 @@ def methods_markdown(methods: Sequence[Any]) -> str:
         if m.per_model_params:
             lines += ["", f"Per-model parameters (under `models[i].parameters`): "
                           f"{', '.join(f'`{n}`' for n in m.per_model_params)}."]
+        if not m.row_local:
+            lines += ["", "Merges whole tensors (not row-local): a tensor larger than the "
+                          "memory budget is refused rather than merged in row blocks."]
         lines.append("")
     return "\n".join(lines)
 

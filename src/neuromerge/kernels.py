@@ -36,6 +36,11 @@ def keep_count(density: float, n: int) -> int:
     return min(n, max(1, k))
 
 
+def floor_count(fraction: float, n: int) -> int:
+    """⌊fraction · n⌋, exact for decimal fractions: 0.01 of 300 entries is 3, not 2."""
+    return max(0, math.floor(Fraction(repr(float(fraction))) * n))
+
+
 def magnitudes(tv: torch.Tensor) -> torch.Tensor:
     """|τ| in float32: trimming ranks magnitudes at float32 precision whatever the compute dtype,
     so the streaming global threshold (which selects over float32 bit patterns) is exact."""
@@ -99,30 +104,49 @@ def elect_sign(values: torch.Tensor, *, tensor_fallback: bool = True,
     return torch.where(s == 0, torch.full_like(s, fallback), s)
 
 
-def disjoint_mean(values: torch.Tensor, sign: torch.Tensor, *,
-                  inplace: bool = False) -> torch.Tensor:
-    """Mean over dim 0 of the non-zero entries whose sign agrees with ``sign`` (±1); 0 where none
-    do. ``inplace`` works in ``values`` itself (destroying it): a few passes over it and no
-    (T, ...) temporaries; otherwise one task at a time, so the temporaries are one tensor."""
+def _agreeing(values: torch.Tensor, sign: torch.Tensor, *, count: bool, inplace: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Σ over dim 0 of the non-zero entries whose sign agrees with ``sign`` (±1), and (``count``)
+    how many there are. ``inplace`` works in ``values`` itself (destroying it): a few passes and
+    no (T, ...) temporaries; otherwise one task at a time, so the temporaries are one tensor."""
     if inplace:
         values.mul_(sign)  # > 0 exactly where non-zero and of the elected sign
-        count = (values > 0).sum(dim=0, dtype=values.dtype)
-        total = values.clamp_(min=0).sum(dim=0)
-        return total.mul_(sign).div_(count.clamp_(min=1))
+        n = (values > 0).sum(dim=0, dtype=values.dtype) if count else None
+        return values.clamp_(min=0).sum(dim=0).mul_(sign), n
     total = torch.zeros(sign.shape, dtype=values.dtype, device=values.device)
-    count = torch.zeros(sign.shape, dtype=values.dtype, device=values.device)
+    n = torch.zeros(sign.shape, dtype=values.dtype, device=values.device) if count else None
     for v in values:
         agree = (v * sign) > 0  # non-zero and of the elected sign
         total += torch.where(agree, v, 0.0)
-        count += agree
-    return total / count.clamp(min=1)
+        if n is not None:
+            n += agree
+    return total, n
 
 
-def ties_merge(tv: torch.Tensor, whole_sum: float | None = None, *,
+def disjoint_mean(values: torch.Tensor, sign: torch.Tensor, *,
+                  inplace: bool = False) -> torch.Tensor:
+    """Mean over dim 0 of the non-zero entries whose sign agrees with ``sign`` (±1); 0 where none
+    do (``inplace``: ``values`` is scratch and is overwritten)."""
+    total, n = _agreeing(values, sign, count=True, inplace=inplace)
+    assert n is not None
+    return total.div_(n.clamp_(min=1))
+
+
+def disjoint_sum(values: torch.Tensor, sign: torch.Tensor, *,
+                 inplace: bool = False) -> torch.Tensor:
+    """Sum over dim 0 of the non-zero entries whose sign agrees with ``sign`` (±1): the TIES
+    code's "dis-sum" aggregation (TALL masks / Consensus merging use it)."""
+    return _agreeing(values, sign, count=False, inplace=inplace)[0]
+
+
+def ties_merge(tv: torch.Tensor, whole_sum: float | None = None, *, aggregate: str = "mean",
                inplace: bool = False) -> torch.Tensor:
-    """Elect + disjoint mean, element-wise, of already-trimmed task vectors (``inplace``: ``tv``
-    is a scratch copy the caller no longer needs)."""
-    return disjoint_mean(tv, elect_sign(tv, whole_sum=whole_sum), inplace=inplace)
+    """Elect + disjoint mean (``aggregate="sum"``: disjoint sum), element-wise, of already-trimmed
+    task vectors (``inplace``: ``tv`` is a scratch copy the caller no longer needs)."""
+    sign = elect_sign(tv, whole_sum=whole_sum)
+    if aggregate == "sum":
+        return disjoint_sum(tv, sign, inplace=inplace)
+    return disjoint_mean(tv, sign, inplace=inplace)
 
 
 def derive_seed(*parts: object) -> int:

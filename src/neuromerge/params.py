@@ -26,3 +26,16 @@ Seed = Annotated[int, Field(
                       "and the model's path (or its per-model `seed`), so order does not matter",
 )]
 
+Alpha = Annotated[float, Field(
+    description="α, the scale of the merged task vector: θ = θ0 + α·τ_merged",
+)]
+TallLambda = Annotated[float, Field(
+    ge=0, description="λ of the TALL masks: task t keeps an entry where |τt| > λ·|τ_MTL - τt| "
+                      "(τ_MTL the unscaled multi-task vector); the paper picks it per task on "
+                      "validation from 0.2-0.6",
+)]
+ConsensusK = Annotated[int, Field(
+    ge=0, description="k: keep an entry where at least k tasks' TALL masks keep it (2 drops "
+                      "'selfish' and 'catastrophic' weights, 1 only catastrophic ones, 0 none; "
+                      "k > number of tasks keeps none)",
+)]

@@ -78,7 +78,8 @@ def test_neuromerging_orthogonal_part_is_orthogonal_to_pretrained_rows(
         assert bool((dots <= bound).all()), (name, dots, bound)
 
 
-@given(family=model_family(), method=st.sampled_from(["dare_linear", "dare_ties"]),
+@given(family=model_family(),
+       method=st.sampled_from(["dare_linear", "dare_ties", "dare_neuromerging"]),
        seed=st.integers(0, 2**32))
 def test_dare_same_seed_same_output(family: tuple, method: str, seed: int) -> None:
     base, experts = family

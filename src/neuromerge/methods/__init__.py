@@ -2,9 +2,15 @@
 (or one family) written as pure functions of tensors."""
 
 from neuromerge.methods.average import average
+from neuromerge.methods.breadcrumbs import breadcrumbs
+from neuromerge.methods.consensus import consensus_ta, consensus_ties
 from neuromerge.methods.dare import dare_linear, dare_ties
-from neuromerge.methods.neuromerging import neuromerging
+from neuromerge.methods.neuromerging import dare_neuromerging, neuromerging
+from neuromerge.methods.pcb import pcb
+from neuromerge.methods.svd import iso_c, iso_cts, tsv_m
 from neuromerge.methods.task_arithmetic import task_arithmetic
 from neuromerge.methods.ties import ties
 
-__all__ = ["average", "dare_linear", "dare_ties", "neuromerging", "task_arithmetic", "ties"]
+__all__ = ["average", "breadcrumbs", "consensus_ta", "consensus_ties", "dare_linear",
+           "dare_neuromerging", "dare_ties", "iso_c", "iso_cts", "neuromerging", "pcb",
+           "task_arithmetic", "ties", "tsv_m"]

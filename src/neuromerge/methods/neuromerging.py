@@ -11,7 +11,8 @@ import torch
 from pydantic import Field
 
 from neuromerge.kernels import disjoint_mean, elect_sign, task_vectors, ties_merge, trim
-from neuromerge.params import Density, TrimScope
+from neuromerge.methods.dare import dropped_task_vectors
+from neuromerge.params import Density, DropRate, Seed, TrimScope
 from neuromerge.registry import TensorContext, TrimStats, merge_method
 
 # Directions whose singular value is below this share of the row's largest are numerically null:
@@ -174,46 +175,39 @@ def lambda2_auto(stats: TrimStats | None) -> float:
 def _resolve(params: dict[str, Any], stats: TrimStats | None) -> dict[str, Any]:
     if params["lambda2"] == "auto":
         params["lambda2"] = lambda2_auto(stats)
+    return _lambda_point_follows(params)
+
+
+def _lambda_point_follows(params: dict[str, Any]) -> dict[str, Any]:
     if params["lambda_point"] is None:
         params["lambda_point"] = params["lambda2"]
     return params
 
 
-@merge_method(
-    name="neuromerging", reference_url="https://arxiv.org/abs/2503.05320", trims=True,
-    resolve=_resolve, needs_stats=lambda p: p["lambda2"] == "auto",
-)
-def neuromerging(
-    base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
-    density: Density = 0.2,
-    trim_scope: TrimScope = "global",
-    lambda1: Annotated[float, Field(
-        description="λ1, scale of the merged parallel (rescaling) subspace; 0 without "
-                    "validation data")] = 0.0,
-    lambda2: Annotated[float | Literal["auto"], Field(
-        description="λ2, scale of the merged orthogonal subspace; auto = 1/(1 - σ), σ the "
-                    "largest share of a task's L1 mass removed by the trim")] = "auto",
-    lambda_point: Annotated[float | None, Field(
-        description="scale of point tensors (1-D/0-D: biases, norms), merged by plain TIES; "
-                    "null = the value of lambda2")] = None,
-    rank_threshold: Annotated[float, Field(
-        gt=0, le=1, description="ρ: keep the leading per-neuron SVD directions whose cumulative "
-                                "S² share reaches ρ (1 keeps all)")] = 1.0,
-    orthogonal_merge: Annotated[Literal["svd", "ties"], Field(
-        description="svd: TIES in each neuron's SVD frame; ties: element-wise TIES on the "
-                    "orthogonal parts (ablation)")] = "svd",
-    compat: Annotated[Literal["spec", "official"], Field(
-        description="official reproduces the released code's quirks (unit-vector parallel "
-                    "part, point tensors scaled by (λ1+λ2)/2) for side-by-side checks")] = "spec",
-    ctx: TensorContext = TensorContext(),
-) -> torch.Tensor:
-    """Neuron-subspace merging: θ = θ0 + λ1 · P + λ2 · O for neuronal tensors.
+# The parameters NeuroMerging and DARE + NeuroMerging share (one declaration each).
+Lambda1 = Annotated[float, Field(
+    description="λ1, scale of the merged parallel (rescaling) subspace; 0 without validation "
+                "data")]
+LambdaPoint = Annotated[float | None, Field(
+    description="scale of point tensors (1-D/0-D: biases, norms), merged by plain TIES; null = "
+                "the value of lambda2")]
+RankThreshold = Annotated[float, Field(
+    gt=0, le=1, description="ρ: keep the leading per-neuron SVD directions whose cumulative S² "
+                            "share reaches ρ (1 keeps all)")]
+OrthogonalMerge = Annotated[Literal["svd", "ties"], Field(
+    description="svd: TIES in each neuron's SVD frame; ties: element-wise TIES on the "
+                "orthogonal parts (ablation)")]
+Compat = Annotated[Literal["spec", "official"], Field(
+    description="official reproduces the released code's quirks (unit-vector parallel part, "
+                "point tensors scaled by (λ1+λ2)/2) for side-by-side checks")]
 
-    Each trimmed task-vector row τtᵏ splits into c_tᵏ · w0ᵏ (parallel to the pretrained neuron)
-    and τ⊥ = τtᵏ − c_tᵏ w0ᵏ. P merges the c by TIES elect + disjoint mean; O merges the τ⊥ by
-    TIES in each neuron's SVD frame. Point tensors: θ0 + λ_point · TIES(τ̂)."""
-    tv = trim(task_vectors(base, tensors, base.dtype), density, ctx.thresholds,
-              inplace=True)
+
+def merge_sparse_task_vectors(base: torch.Tensor, tv: torch.Tensor, ctx: TensorContext, *,
+                              lambda1: float, lambda2: float, lambda_point: float,
+                              rank_threshold: float, orthogonal_merge: str, compat: str
+                              ) -> torch.Tensor:
+    """NeuroMerging Steps 1-5 on already sparsified task vectors ``tv`` (T, ...): neuronal
+    tensors θ0 + λ1 · P + λ2 · O (:func:`merge_neurons`), point tensors θ0 + λ_point · TIES."""
     official = compat == "official"
     if ctx.resolved_kind(base) == "point":
         scale = (lambda1 + lambda2) / 2 if official else lambda_point
@@ -226,3 +220,77 @@ def neuromerging(
         unit_parallel=official, tensor_sum=ctx.tensor_sum,
     )
     return base + delta.reshape(base.shape).to(base.dtype)
+
+
+@merge_method(
+    name="neuromerging", reference_url="https://arxiv.org/abs/2503.05320", trims=True,
+    resolve=_resolve, needs_stats=lambda p: p["lambda2"] == "auto",
+)
+def neuromerging(
+    base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
+    density: Density = 0.2,
+    trim_scope: TrimScope = "global",
+    lambda1: Lambda1 = 0.0,
+    lambda2: Annotated[float | Literal["auto"], Field(
+        description="λ2, scale of the merged orthogonal subspace; auto = 1/(1 - σ), σ the "
+                    "largest share of a task's L1 mass removed by the trim")] = "auto",
+    lambda_point: LambdaPoint = None,
+    rank_threshold: RankThreshold = 1.0,
+    orthogonal_merge: OrthogonalMerge = "svd",
+    compat: Compat = "spec",
+    ctx: TensorContext = TensorContext(),
+) -> torch.Tensor:
+    """Neuron-subspace merging: θ = θ0 + λ1 · P + λ2 · O for neuronal tensors.
+
+    Each trimmed task-vector row τtᵏ splits into c_tᵏ · w0ᵏ (parallel to the pretrained neuron)
+    and τ⊥ = τtᵏ − c_tᵏ w0ᵏ. P merges the c by TIES elect + disjoint mean; O merges the τ⊥ by
+    TIES in each neuron's SVD frame. Point tensors: θ0 + λ_point · TIES(τ̂)."""
+    tv = trim(task_vectors(base, tensors, base.dtype), density, ctx.thresholds,
+              inplace=True)
+    return merge_sparse_task_vectors(
+        base, tv, ctx, lambda1=lambda1, lambda2=lambda2, lambda_point=lambda_point,
+        rank_threshold=rank_threshold, orthogonal_merge=orthogonal_merge, compat=compat)
+
+
+def _resolve_dare(params: dict[str, Any], stats: TrimStats | None) -> dict[str, Any]:
+    if params["lambda2"] == "auto":
+        params["lambda2"] = 1.0  # DARE's rescale already restores each task's expected L1 mass
+    return _lambda_point_follows(params)
+
+
+@merge_method(
+    name="dare_neuromerging", reference_url="https://arxiv.org/abs/2503.05320",
+    per_model_params=("seed",), resolve=_resolve_dare,
+)
+def dare_neuromerging(
+    base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
+    drop_rate: DropRate = 0.5,
+    seed: Seed = 0,
+    lambda1: Lambda1 = 0.0,
+    lambda2: Annotated[float | Literal["auto"], Field(
+        description="λ2, scale of the merged orthogonal subspace; auto = 1: DARE's 1/(1-p) "
+                    "rescale already restores each task's expected L1 mass, which is what "
+                    "NeuroMerging's 1/(1 - σ) does after its magnitude trim")] = "auto",
+    lambda_point: LambdaPoint = None,
+    rank_threshold: RankThreshold = 1.0,
+    orthogonal_merge: OrthogonalMerge = "svd",
+    compat: Compat = "spec",
+    ctx: TensorContext = TensorContext(),
+) -> torch.Tensor:
+    """DARE + NeuroMerging: θ = θ0 + λ1 · P + λ2 · O over DARE-sparsified τ̃t = τt ⊙ mt / (1 − p).
+
+    DARE's random drop with rescale (mt ~ Bernoulli(1 − p) from model t's seeded stream, exactly
+    as `dare_linear`/`dare_ties` draw it) replaces the magnitude trim, as the released
+    NeuroMerging code allows; the neuron-subspace merge is NeuroMerging's, unchanged. Point
+    tensors: θ0 + λ_point · TIES(τ̃). A separate method rather than an option of `neuromerging`,
+    so that each lists only the parameters it uses (no density here, no seed there).
+
+    λ2 = auto is 1, not 1/(1 − σ): σ measures the L1 mass the trim removed without putting it
+    back, whereas the survivors of a DARE drop are already scaled by 1/(1 − p), so E‖τ̃t‖₁ =
+    ‖τt‖₁ (σ = 0 in expectation). Defaults: p = 0.5, as `dare_linear`/`dare_ties` (DARE's usual
+    choice); λ1 = 0 as NeuroMerging without validation data. Row-local, like both parts."""
+    tv = dropped_task_vectors(base, tensors, drop_rate, seed, ctx)
+    return merge_sparse_task_vectors(
+        base, tv, ctx, lambda1=lambda1, lambda2=float(lambda2), lambda_point=(
+            float(lambda2) if lambda_point is None else lambda_point),
+        rank_threshold=rank_threshold, orthogonal_merge=orthogonal_merge, compat=compat)
