@@ -32,6 +32,12 @@ METHODS = {
     "ties-global": {"density": 0.2, "trim_scope": "global"},
     "dare_ties": {"drop_rate": 0.5, "seed": 0},
     "neuromerging": {"density": 0.2},
+    "dare_neuromerging": {"seed": 0},
+    "consensus_ties": {},
+    "breadcrumbs": {},
+    "pcb": {},
+    "tsv_m": {},
+    "iso_cts": {},
 }
 
 
@@ -63,7 +69,7 @@ def main() -> int:
     rows = []
     for name in args.methods.split(","):
         params = dict(METHODS[name])
-        method = name.split("-")[0]
+        method = name.split("-")[0]  # ties-tensor -> ties
         cfg = {"merge_method": method, "base_model": str(base),
                "models": [{"model": str(e)} for e in experts], "parameters": params}
         times, folders = {}, {}
