@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from perf import PRESETS, ensure_models
 
 from neuromerge import merge
+from neuromerge.errors import ConfigError
 
 METHODS = {
     "task_arithmetic": {"scale": 0.3},
@@ -89,14 +90,18 @@ def main() -> int:
                "share_differing": differ}
         if args.memory_limit:
             t0 = time.perf_counter()
-            r = merge(cfg, work / f"out-{name}-cuda-limited", force=True, device="cuda",
-                      progress=False, memory_limit=args.memory_limit)
-            row["cuda_limited_s"] = round(time.perf_counter() - t0, 2)
-            row["row_blocks"] = len(r.extra["row_blocks"])
-            c = outputs(work / f"out-{name}-cuda-limited")
-            row["limited_max_abs_diff"] = max(float((b[k].float() - c[k].float()).abs().max())
-                                              for k in b)
-            shutil.rmtree(work / f"out-{name}-cuda-limited")
+            try:
+                r = merge(cfg, work / f"out-{name}-cuda-limited", force=True, device="cuda",
+                          progress=False, memory_limit=args.memory_limit)
+            except ConfigError as exc:  # a whole-tensor method refuses to split a tensor
+                row["cuda_limited"] = f"refused: {exc}"
+            else:
+                row["cuda_limited_s"] = round(time.perf_counter() - t0, 2)
+                row["row_blocks"] = len(r.extra["row_blocks"])
+                c = outputs(work / f"out-{name}-cuda-limited")
+                row["limited_max_abs_diff"] = max(
+                    float((b[k].float() - c[k].float()).abs().max()) for k in b)
+                shutil.rmtree(work / f"out-{name}-cuda-limited")
         for f in folders.values():
             shutil.rmtree(f)
         rows.append(row)
