@@ -159,9 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "with the merged body and that task's own head, against the experts (upper "
                     "bound) and a linear probe on the base (lower bound). Resumable: cached "
                     "experts and finished evaluations are reused.",
-        epilog="profiles:\n  quick  6 tasks, 1 seed, 320 training examples per task, defaults "
-               "only (about 10 minutes on 2 cores)\n  full   7 tasks, 3 seeds, 1000 examples, "
-               "defaults and validation sweeps (about 2 hours)",
+        epilog="profiles:\n  quick  6 tasks, 1 seed, 320 training examples per task, the six "
+               "core methods with defaults (about 10 minutes on 2 cores)\n  full   7 tasks, 3 "
+               "seeds, 1000 examples, every method, defaults and validation sweeps (about 2 "
+               "hours)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--profile", choices=("quick", "full"), default="quick")
     b.add_argument("--out", default=None, metavar="DIR",

@@ -144,3 +144,13 @@ def test_results_survive_a_line_cut_short_by_a_kill(tmp_path: Path) -> None:
     assert set(again.records) == {"a"}
     again.add({"key": "c", "accuracy": 0.7})
     assert set(Results(path).records) == {"a", "c"}
+
+
+def test_quick_profile_merges_the_core_methods_and_full_merges_all() -> None:
+    from neuromerge.bench.runner import CORE_METHODS, PROFILES
+    from neuromerge.registry import all_methods, get_method
+
+    assert PROFILES["quick"].methods == CORE_METHODS
+    assert "neuromerging" in CORE_METHODS and all(get_method(m) for m in CORE_METHODS)
+    assert PROFILES["full"].methods is None  # every registered method
+    assert len(all_methods()) > len(CORE_METHODS)
