@@ -205,3 +205,20 @@ def test_experts_may_lack_tensors_that_are_copied_from_the_base() -> None:
         merge_state_dicts(base, experts, "ties")
     out = merge_state_dicts(base, experts, "ties", tensor_class={"emb.*": "copy"}).state_dict
     assert torch.equal(out["emb.weight"], base["emb.weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_is_exact(dtype: torch.dtype) -> None:
+    from neuromerge.engine import all_finite
+
+    big = torch.finfo(dtype).max
+    t = torch.full((1000,), big / 4, dtype=dtype)  # the float32 sum overflows, entries finite
+    assert all_finite(t)
+    assert all_finite(torch.zeros(0, dtype=dtype))
+    assert all_finite(torch.randn(50, 7).to(dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = torch.randn(50, 7).to(dtype)
+        u[13, 3] = bad
+        assert not all_finite(u)
+    pair = torch.tensor([float("inf"), -float("inf")], dtype=dtype)  # sums to NaN
+    assert not all_finite(pair)

