@@ -20,18 +20,21 @@ from safetensors.torch import save_file
 ROWS, COLS, N_TENSORS, N_EXPERTS = 1024, 2048, 24, 3
 TENSOR_MB = ROWS * COLS * 4 / 2**20  # 8 MiB
 
-CHILD = r"""
+# Shared head of the child scripts: VmHWM (peak RSS) belongs to this address space; ru_maxrss
+# would carry the forking parent's peak across exec.
+STATUS_MB = r"""
 import json, sys
 import torch
-import neuromerge
 torch.set_num_threads(2)
 def status_mb(key):
-    # VmHWM (peak RSS) belongs to this address space; ru_maxrss would carry the forking
-    # parent's peak across exec.
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
+"""
+
+CHILD = STATUS_MB + r"""
+import neuromerge
 # warm up the code paths (allocator, eigh, bincount) on a tiny merge before measuring
 base = {"w": torch.randn(8, 8), "b": torch.randn(8)}
 neuromerge.merge_state_dicts(base, [{k: v + 1 for k, v in base.items()}] * 2, "neuromerging")
@@ -88,16 +91,8 @@ def test_peak_memory_is_bounded_by_tensors_not_models(tmp_path: Path) -> None:
         assert f.get_slice("layers.0.weight").get_shape() == [ROWS, COLS]
 
 
-LIMIT_CHILD = r"""
-import json, sys
-import torch
+LIMIT_CHILD = STATUS_MB + r"""
 from neuromerge.cli import main
-torch.set_num_threads(2)
-def status_mb(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
 rc = main(["merge", sys.argv[1], sys.argv[2], "--memory-limit", sys.argv[3], "-q"])
 print(json.dumps({"rc": rc, "peak": status_mb("VmHWM")}))
 """

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from neuromerge.errors import ConfigError, InputError
 from neuromerge.io.dtypes import NAME_TO_TORCH, dtype_name
 from neuromerge.io.reader import CheckpointReader, StateDictReader, TensorMeta
-from neuromerge.kernels import derive_seed, keep_count, kth_largest
+from neuromerge.kernels import derive_seed, each_task_vector, keep_count, kth_largest
 from neuromerge.registry import (
     MergeMethod,
     SumCollector,
@@ -288,11 +288,9 @@ class _Inputs:
                         ) -> Iterator[tuple[int, torch.Tensor]]:
         """|τt| for each task in turn, holding two tensors at a time (same arithmetic as
         ``kernels.task_vectors`` so thresholds match the merge pass bit for bit)."""
-        b = self.to_compute(base)
-        buf = torch.empty_like(b)  # reused: the caller is done with one task's |τ| before the next
-        for t, ex in enumerate(experts):
-            buf.copy_(ex)
-            mags = buf.sub_(b).abs_()  # = kernels.magnitudes(θt − θ0), without temporaries
+        taus = each_task_vector(self.to_compute(base), experts, self.dtype)
+        for t, tau in enumerate(taus):
+            mags = tau.abs_()  # = kernels.magnitudes(θt − θ0), without temporaries
             yield t, mags if mags.dtype == torch.float32 else mags.to(torch.float32)
 
 
@@ -311,18 +309,10 @@ def compute_trim_stats(units: Sequence[Unit], inputs: _Inputs, *, density: float
     kept = [0.0] * n_tasks
     if scope == "global" and density < 1 and n > 0:
         k = keep_count(density, n)
-        selects = [MagnitudeSelect(inputs.device) for _ in range(n_tasks)]
-        for _, base, experts in _bar(inputs.stream(merged), progress, "trim stats 1/2", merged):
-            for t, mags in inputs.task_magnitudes(base, experts):
-                selects[t].add(mags)
-        for s in selects:
-            s.locate(k)
-        for _, base, experts in _bar(inputs.stream(merged), progress, "trim stats 2/2", merged):
-            for t, mags in inputs.task_magnitudes(base, experts):
-                selects[t].refine(mags)
-        results = [s.result() for s in selects]
-        return TrimStats(density, scope, n, k, tuple(r[0] for r in results),
-                         tuple(s.total_l1 for s in selects), tuple(r[1] for r in results))
+        l1, (results,) = select_over(merged, inputs, [k], progress=progress,
+                                     desc=("trim stats 1/2", "trim stats 2/2"))
+        return TrimStats(density, scope, n, k, tuple(r[0] for r in results), tuple(l1),
+                         tuple(r[1] for r in results))
     # Per-tensor trim: a tensor's threshold needs all of it, so blocked tensors use the
     # streaming select over their blocks (thresholds kept for the merge), the others a k-th value.
     whole = [u for u in merged if u.rows is None]
@@ -346,24 +336,34 @@ def compute_trim_stats(units: Sequence[Unit], inputs: _Inputs, *, density: float
     return TrimStats(density, scope, n, None, None, tuple(total), tuple(kept))
 
 
+def select_over(units: Sequence[Unit], inputs: _Inputs, ks: Sequence[int], *,
+                progress: bool = False, desc: tuple[str, str] = ("", "")
+                ) -> tuple[list[float], list[list[tuple[float, float]]]]:
+    """Each task's ‖τt‖₁ over ``units`` and, for every k in ``ks``, its exact k-th largest |τt|
+    and the L1 mass at or above it: one histogram pass, then one pass refining every k."""
+    coarse = [MagnitudeSelect(inputs.device) for _ in inputs.experts]
+    for _, base, experts in _bar(inputs.stream(units), progress and bool(desc[0]), desc[0],
+                                 units):
+        for t, mags in inputs.task_magnitudes(base, experts):
+            coarse[t].add(mags)
+    forks = [[s.fork(k) for s in coarse] for k in ks]
+    if forks:
+        for _, base, experts in _bar(inputs.stream(units), progress and bool(desc[1]), desc[1],
+                                     units):
+            for t, mags in inputs.task_magnitudes(base, experts):
+                for per_k in forks:
+                    per_k[t].refine(mags)
+    return [s.total_l1 for s in coarse], [[f.result() for f in per_k] for per_k in forks]
+
+
 def _blocked_tensor_trim(group: Sequence[Unit], inputs: _Inputs, density: float
                          ) -> tuple[tuple[float, ...] | None, list[float], list[float]]:
     """Per-task threshold and L1 masses of one tensor's own trim, over its row blocks."""
-    n_tasks = len(inputs.experts)
-    selects = [MagnitudeSelect(inputs.device) for _ in range(n_tasks)]
-    for _, base, experts in inputs.stream(group):
-        for t, mags in inputs.task_magnitudes(base, experts):
-            selects[t].add(mags)
-    totals = [s.total_l1 for s in selects]
     if density >= 1:
+        totals = select_over(group, inputs, [])[0]
         return None, totals, list(totals)
-    k = keep_count(density, group[0].plan.meta.numel)
-    for s in selects:
-        s.locate(k)
-    for _, base, experts in inputs.stream(group):
-        for t, mags in inputs.task_magnitudes(base, experts):
-            selects[t].refine(mags)
-    results = [s.result() for s in selects]
+    totals, (results,) = select_over(group, inputs, [keep_count(density,
+                                                                group[0].plan.meta.numel)])
     return tuple(r[0] for r in results), totals, [r[1] for r in results]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
 
 import torch
@@ -22,10 +22,24 @@ def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor],
     b = base.to(dtype)
     out = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)
     for i, t in enumerate(tensors):
-        # in place: no temporary per expert (each would be a fresh, page-faulting allocation)
-        out[i].copy_(t)
-        out[i].sub_(b)
+        _difference_into(out[i], t, b)
     return out
+
+
+def each_task_vector(base: torch.Tensor, tensors: Iterable[torch.Tensor],
+                     dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
+    """τt = θt − θ0 for each task in turn, in ONE reused buffer (the caller is done with one
+    before asking for the next), with the arithmetic of :func:`task_vectors`."""
+    b = base.to(dtype)
+    buf = torch.empty_like(b)
+    for t in tensors:
+        yield _difference_into(buf, t, b)
+
+
+def _difference_into(out: torch.Tensor, t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # in place: no temporary per expert (each would be a fresh, page-faulting allocation)
+    out.copy_(t)
+    return out.sub_(b)
 
 
 def keep_count(density: float, n: int) -> int:

@@ -63,6 +63,14 @@ class MagnitudeSelect:
         self._fine_counts = torch.zeros(_FINE_BINS, dtype=torch.int64, device=self.device)
         self._fine_sums = torch.zeros(_FINE_BINS, dtype=torch.float64, device=self.device)
 
+    def fork(self, k: int) -> MagnitudeSelect:
+        """A select located at ``k`` that shares this one's first-pass histograms (read-only from
+        here on), so several k are refined in one second pass."""
+        f = MagnitudeSelect(self.device, track_l1=self.track_l1)
+        f.counts, f.sums, f.n = self.counts, self.sums, self.n
+        f.locate(k)
+        return f
+
     def refine(self, mags: torch.Tensor) -> None:
         assert self._fine_counts is not None and self._fine_sums is not None, "call locate first"
         flat = mags.reshape(-1).to(torch.float32)

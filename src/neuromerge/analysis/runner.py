@@ -34,11 +34,13 @@ from neuromerge.engine import (
     Kind,
     Unit,
     _Inputs,
+    _numel,
     _return_freed_tensors_to_the_os,
     build_plan,
     memory_budget,
     plan_units,
     resolve_device,
+    select_over,
 )
 from neuromerge.errors import ConfigError
 from neuromerge.io.reader import CheckpointReader, StateDictReader, open_checkpoint
@@ -47,7 +49,6 @@ from neuromerge.kernels import keep_count, task_vectors, trim
 from neuromerge.methods.neuromerging import lambda2_auto
 from neuromerge.pipeline import _refuse_overlap
 from neuromerge.registry import TrimStats
-from neuromerge.thresholds import MagnitudeSelect
 
 DEFAULT_DENSITIES = (0.1, 0.2, 0.5)
 #: The density of the trimmed statistics: NeuroMerging's (and TIES') default.
@@ -177,40 +178,20 @@ def trim_statistics(units: Sequence[Unit], inputs: _Inputs, densities: Sequence[
     global scope, with the first pass (each task's coarse |τ| histogram, which does not depend on
     the density) shared by all densities. Gives the same thresholds and L1 masses, exactly."""
     merged = [u for u in units if u.plan.kind != "copy"]
-    n_tasks = len(inputs.experts)
     n = sum(_numel(u) for u in merged)
-    coarse = [MagnitudeSelect(inputs.device) for _ in range(n_tasks)]
-    if n > 0:
-        for _, base, experts in _bar(inputs.stream(merged), progress,
-                                     "analyze 1/3: trim histogram", merged):
-            for t, mags in inputs.task_magnitudes(base, experts):
-                coarse[t].add(mags)
-    totals = tuple(s.total_l1 for s in coarse)
-    selects: dict[float, list[MagnitudeSelect]] = {}
-    for d in densities:
-        if d >= 1 or n == 0:
-            continue
-        forks = []
-        for s in coarse:  # the coarse histogram is only read from here on: share it
-            f = MagnitudeSelect(inputs.device)
-            f.counts, f.sums, f.n = s.counts, s.sums, s.n
-            f.locate(keep_count(d, n))
-            forks.append(f)
-        selects[d] = forks
-    if selects:
-        for _, base, experts in _bar(inputs.stream(merged), progress,
-                                     "analyze 2/3: trim thresholds", merged):
-            for t, mags in inputs.task_magnitudes(base, experts):
-                for forks in selects.values():
-                    forks[t].refine(mags)
+    trimmed = [d for d in densities if d < 1 and n > 0]
+    totals, results = select_over(merged, inputs, [keep_count(d, n) for d in trimmed],
+                                  progress=progress, desc=("analyze 1/3: trim histogram",
+                                                           "analyze 2/3: trim thresholds"))
+    by_density = dict(zip(trimmed, results, strict=True))
     out = {}
     for d in densities:
-        if d in selects:
-            results = [f.result() for f in selects[d]]
-            out[d] = TrimStats(d, "global", n, keep_count(d, n), tuple(r[0] for r in results),
-                               totals, tuple(r[1] for r in results))
+        if d in by_density:
+            res = by_density[d]
+            out[d] = TrimStats(d, "global", n, keep_count(d, n), tuple(r[0] for r in res),
+                               tuple(totals), tuple(r[1] for r in res))
         else:  # nothing trimmed
-            out[d] = TrimStats(d, "global", n, n, None, totals, totals)
+            out[d] = TrimStats(d, "global", n, n, None, tuple(totals), tuple(totals))
     return out
 
 
@@ -305,17 +286,6 @@ def _task_names(given: Sequence[str] | None, sources: Sequence[Source]) -> list[
         seen[n] = seen.get(n, 0) + 1
         out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
     return out
-
-
-def _numel(u: Unit) -> int:
-    if u.rows is None:
-        return u.plan.meta.numel
-    return (u.rows[1] - u.rows[0]) * (u.plan.meta.numel // u.plan.meta.shape[0])
-
-
-def _bar(items: Any, progress: bool, desc: str, sized: Sequence[Any]) -> Any:
-    return tqdm(items, desc=desc, unit="tensor", disable=not progress, leave=False,
-                dynamic_ncols=True, total=len(sized))
 
 
 __all__ = ["DEFAULT_CONFLICT_DENSITY", "DEFAULT_DENSITIES", "NO_LAYER", "Analysis", "analyze",

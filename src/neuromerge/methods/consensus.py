@@ -3,13 +3,13 @@ Improved Model Merging and Compression"): keep only the weights that at least k 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
 
-from neuromerge.kernels import task_vectors, ties_merge, trim
+from neuromerge.kernels import each_task_vector, task_vectors, ties_merge, trim
 from neuromerge.params import ConsensusK, Density, TallLambda, TrimScope
 from neuromerge.registry import TensorContext, merge_method
 
@@ -25,18 +25,6 @@ def tall_mask_counts(taus: Iterable[torch.Tensor], multi: torch.Tensor, lam: flo
     for tau in taus:
         count += tau.abs() > lam * (multi - tau).abs()
     return count
-
-
-def _untrimmed(base: torch.Tensor, tensors: Sequence[torch.Tensor], dtype: torch.dtype
-               ) -> Iterator[torch.Tensor]:
-    """τt = θt − θ0 for each task in turn, in one reused buffer (the arithmetic of
-    ``kernels.task_vectors``)."""
-    b = base.to(dtype)
-    tau = torch.empty_like(b)
-    for t in tensors:
-        tau.copy_(t)
-        tau.sub_(b)
-        yield tau
 
 
 @merge_method(name="consensus_ta", reference_url=_REFERENCE)
@@ -92,6 +80,6 @@ def consensus_ties(
     tv = trim(task_vectors(base, tensors, base.dtype), density, ctx.thresholds, inplace=True)
     multi = ties_merge(tv, whole_sum=ctx.tensor_sum("tv", tv.sum), aggregate=aggregate)
     del tv  # trimmed in place: the masks need the untrimmed task vectors, rebuilt one by one
-    keep = tall_mask_counts(_untrimmed(base, tensors, multi.dtype), multi, tall_lambda) >= k
+    keep = tall_mask_counts(each_task_vector(base, tensors, multi.dtype), multi, tall_lambda) >= k
     return base + scale * torch.where(keep, multi, torch.zeros((), dtype=multi.dtype,
                                                                device=multi.device))
