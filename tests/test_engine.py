@@ -119,6 +119,24 @@ def test_global_trim_counts_only_merged_tensors() -> None:
     assert r.stats.n_entries == 3 * 4 + 3 + 1  # fc.weight, fc.bias, scale
 
 
+def test_global_trim_reads_the_inputs_once_plus_a_sample() -> None:
+    # The sampled band holds the k-th values, so the stats skip their second read of the inputs.
+    gen = torch.Generator().manual_seed(3)
+    base = {f"l{i}.weight": torch.randn(256, 512, generator=gen) for i in range(4)}
+    experts = [{k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+               for _ in range(3)]
+    size = sum(v.numel() * 4 for v in base.values()) * 4  # base + 3 experts, float32
+    r = merge_state_dicts(base, experts, "ties", {"density": 0.2})
+    assert r.stats is not None
+    ref = merge_state_dicts(base, experts, "ties", {"density": 0.2, "trim_scope": "tensor"})
+    assert ref.bytes_read == size  # the merge pass alone
+    assert r.bytes_read < 2.1 * size  # stats pass + sample + merge pass; not 3 passes
+    flat = [torch.cat([(e[k] - base[k]).abs().reshape(-1) for k in base]) for e in experts]
+    k = -(-2 * flat[0].numel() // 10)
+    assert r.stats.thresholds == tuple(float(f.sort(descending=True).values[k - 1])
+                                       for f in flat)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_are_computed_in_float32_and_written_in_their_dtype(dtype: torch.dtype
                                                                         ) -> None:

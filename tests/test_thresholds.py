@@ -8,7 +8,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from neuromerge.thresholds import MagnitudeSelect
+from neuromerge.kernels import kth_largest
+from neuromerge.thresholds import MAX_BAND, MagnitudeSelect, band_from
 
 
 def select(chunks: list[torch.Tensor], k: int) -> tuple[float, float, float]:
@@ -72,3 +73,62 @@ def test_bad_k() -> None:
         s.locate(4)
     with pytest.raises(ValueError):
         s.locate(0)
+
+
+def banded(chunks: list[torch.Tensor], k: int, band: tuple[int, int]
+           ) -> tuple[float, float, bool]:
+    s = MagnitudeSelect()
+    s.set_band(*band)
+    for c in chunks:
+        s.add(c)
+    s.locate(k)
+    used_band = not s.needs_refine
+    for c in chunks:
+        s.refine(c)  # a no-op when the band held the k-th value
+    h, kept = s.result()
+    return h, kept, used_band
+
+
+@given(
+    sizes=st.lists(st.integers(1, 300), min_size=1, max_size=4),
+    seed=st.integers(0, 2**31 - 1),
+    frac=st.floats(0.0, 1.0),
+    shift=st.integers(-20, 20),
+    repeats=st.booleans(),
+)
+def test_band_hit_or_miss_gives_the_full_sort_answer(sizes: list[int], seed: int, frac: float,
+                                                     shift: int, repeats: bool) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    chunks = [torch.randn(n, generator=gen).abs() for n in sizes]
+    if repeats:
+        chunks = [torch.round(c * 4) / 4 for c in chunks]
+    n = sum(sizes)
+    k = max(1, min(n, int(frac * n) + 1))
+    rh, rkept, _ = reference(chunks, k)
+    true_bin = int(torch.tensor([rh], dtype=torch.float32).view(torch.int32)) >> 16
+    lo = true_bin + shift  # a band that may or may not hold the k-th value
+    h, kept, used_band = banded(chunks, k, (lo, lo + 3))
+    assert used_band == (lo <= true_bin <= lo + 3)
+    assert h == rh
+    assert kept == pytest.approx(rkept, rel=1e-12, abs=1e-300)
+
+
+def test_band_from_a_sample_holds_the_threshold() -> None:
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(1_000_000, generator=gen).abs() * torch.rand(1_000_000, generator=gen)
+    sample = MagnitudeSelect(track_l1=False)
+    sample.add(values[::61])
+    for density in (0.01, 0.2, 0.5):
+        k = int(density * values.numel())
+        lo, hi = band_from(sample, k, values.numel())
+        assert 0 <= hi - lo < MAX_BAND
+        h = float(values.sort(descending=True).values[k - 1])
+        assert lo <= int(torch.tensor([h]).view(torch.int32)) >> 16 <= hi
+
+
+def test_kth_largest_matches_a_sort_on_large_tensors() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300_000, generator=gen).abs()
+    x[:1000] = 0.5  # a heavy tie
+    for k in (1, 999, 150_000, 299_000, 300_000):
+        assert kth_largest(x, k) == float(x.sort(descending=True).values[k - 1])

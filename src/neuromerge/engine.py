@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import torch
@@ -37,7 +37,7 @@ from neuromerge.registry import (
     TrimStats,
     get_method,
 )
-from neuromerge.thresholds import MagnitudeSelect
+from neuromerge.thresholds import MAX_BAND, MagnitudeSelect, band_from
 
 log = logging.getLogger("neuromerge")
 
@@ -340,20 +340,68 @@ def select_over(units: Sequence[Unit], inputs: _Inputs, ks: Sequence[int], *,
                 progress: bool = False, desc: tuple[str, str] = ("", "")
                 ) -> tuple[list[float], list[list[tuple[float, float]]]]:
     """Each task's ‖τt‖₁ over ``units`` and, for every k in ``ks``, its exact k-th largest |τt|
-    and the L1 mass at or above it: one histogram pass, then one pass refining every k."""
+    and the L1 mass at or above it: one histogram pass, then one pass refining every k.
+
+    A sample of about 1/32 of the rows, read first, tells which coarse bins the k-th values are
+    likely in; the histogram pass keeps those at full resolution, so the refining pass (a second
+    read of every input) only runs for a task whose k-th value fell outside them."""
     coarse = [MagnitudeSelect(inputs.device) for _ in inputs.experts]
+    if ks:
+        for select, band in zip(coarse, _sample_bands(units, inputs, ks), strict=True):
+            if band is not None:
+                select.set_band(*band)
     for _, base, experts in _bar(inputs.stream(units), progress and bool(desc[0]), desc[0],
                                  units):
         for t, mags in inputs.task_magnitudes(base, experts):
             coarse[t].add(mags)
     forks = [[s.fork(k) for s in coarse] for k in ks]
-    if forks:
+    pending = [t for t in range(len(coarse)) if any(per_k[t].needs_refine for per_k in forks)]
+    if pending:
+        log.debug("trim stats: a second pass for tasks %s (k-th value outside the sampled band)",
+                  pending)
         for _, base, experts in _bar(inputs.stream(units), progress and bool(desc[1]), desc[1],
                                      units):
             for t, mags in inputs.task_magnitudes(base, experts):
                 for per_k in forks:
                     per_k[t].refine(mags)
     return [s.total_l1 for s in coarse], [[f.result() for f in per_k] for per_k in forks]
+
+
+#: Rows sampled to guess the trim thresholds' coarse bins: 1/_SAMPLE_EVERY of each tensor's rows,
+#: in _SAMPLE_BLOCKS evenly spaced runs (whole tensors below _SAMPLE_MIN entries).
+_SAMPLE_EVERY, _SAMPLE_BLOCKS, _SAMPLE_MIN = 32, 4, 1 << 16
+
+
+def _sample_units(units: Sequence[Unit]) -> list[Unit]:
+    out = []
+    for u in units:
+        numel = _numel(u)
+        start, stop = u.rows if u.rows is not None else (0, u.plan.meta.shape[0] if
+                                                         u.plan.meta.shape else 1)
+        if numel < _SAMPLE_MIN or len(u.plan.meta.shape) < 2:
+            out.append(u)
+            continue
+        run = max(1, (stop - start) // (_SAMPLE_EVERY * _SAMPLE_BLOCKS))
+        step = (stop - start) // _SAMPLE_BLOCKS
+        out.extend(replace(u, rows=(start + i * step, start + i * step + run))
+                   for i in range(_SAMPLE_BLOCKS))
+    return out
+
+
+def _sample_bands(units: Sequence[Unit], inputs: _Inputs, ks: Sequence[int]
+                  ) -> list[tuple[int, int] | None]:
+    """Per task, the coarse bins (lo, hi) that likely hold every k-th largest |τt|."""
+    samples = [MagnitudeSelect(inputs.device, track_l1=False) for _ in inputs.experts]
+    for _, base, experts in inputs.stream(_sample_units(units)):
+        for t, mags in inputs.task_magnitudes(base, experts):
+            samples[t].add(mags)
+    n = sum(_numel(u) for u in units)
+    bands: list[tuple[int, int] | None] = []
+    for sample in samples:
+        per_k = [band_from(sample, k, n) for k in ks]
+        lo, hi = min(b[0] for b in per_k), max(b[1] for b in per_k)
+        bands.append((lo, hi) if hi - lo < MAX_BAND else per_k[0])
+    return bands
 
 
 def _blocked_tensor_trim(group: Sequence[Unit], inputs: _Inputs, density: float

@@ -6,6 +6,11 @@ bins for non-negative values); the bin holding the k-th largest value is then re
 pass over the low 16 bits. Memory is two fixed histograms per task, independent of the model size,
 and the result is the exact threshold (verified against a full sort in the tests). Each bin also
 carries the L1 mass of its values, so ‖trim(τ)‖₁ comes out of the same passes.
+
+The second pass re-reads every input, so when the caller can guess where the k-th value lies (from
+a small sample: ``band_from``), the first pass also keeps the fine histograms of a narrow band of
+coarse bins (``set_band``); when the k-th value falls inside it (``needs_refine`` is False) the
+answer is exact after one pass, and otherwise the second pass runs as before.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import torch
 _COARSE_BINS = 1 << 15  # sign bit is 0 for magnitudes
 _FINE_BINS = 1 << 16
 _CHUNK = 1 << 22  # entries histogrammed at a time
+#: Widest band of coarse bins whose fine histograms the first pass keeps (16 bytes per fine bin:
+#: 1 MiB per coarse bin and task).
+MAX_BAND = 16
 
 
 class MagnitudeSelect:
@@ -35,16 +43,52 @@ class MagnitudeSelect:
         self._fine_counts: torch.Tensor | None = None
         self._fine_sums: torch.Tensor | None = None
         self._above_l1 = 0.0
+        self._band: tuple[int, int] | None = None  # [lo, hi] coarse bins kept at full resolution
+        self._band_counts: torch.Tensor | None = None
+        self._band_sums: torch.Tensor | None = None
+        self._from_band = False  # locate found the k-th value's bin inside the band
+
+    def set_band(self, lo: int, hi: int) -> None:
+        """Keep the fine histograms of coarse bins lo..hi during ``add`` (call before it)."""
+        if self.n:
+            raise RuntimeError("set_band must come before the first add")
+        lo, hi = max(0, lo), min(_COARSE_BINS - 1, hi, max(0, lo) + MAX_BAND - 1)
+        size = (hi - lo + 1) * _FINE_BINS
+        self._band = (lo, hi)
+        self._band_counts = torch.zeros(size, dtype=torch.int64, device=self.device)
+        self._band_sums = (torch.zeros(size, dtype=torch.float64, device=self.device)
+                           if self.track_l1 else None)
 
     def add(self, mags: torch.Tensor) -> None:
         flat = mags.reshape(-1).to(torch.float32)
         for chunk in flat.split(_CHUNK):  # bounded temporaries whatever the tensor size
-            coarse = chunk.contiguous().view(torch.int32) >> 16
+            bits = chunk.contiguous().view(torch.int32)
+            coarse = bits >> 16
             self.counts += torch.bincount(coarse, minlength=_COARSE_BINS)
             if self.track_l1:
                 self.sums += torch.bincount(coarse, weights=chunk.to(torch.float64),
                                             minlength=_COARSE_BINS)
+            if self._band is not None:
+                self._add_band(bits, coarse, chunk)
         self.n += flat.numel()
+
+    def _add_band(self, bits: torch.Tensor, coarse: torch.Tensor, chunk: torch.Tensor) -> None:
+        assert self._band is not None and self._band_counts is not None
+        lo, hi = self._band
+        sel = (coarse >= lo) & (coarse <= hi)
+        if not bool(sel.any()):
+            return
+        idx = bits[sel] - (lo << 16)  # (coarse − lo) · 2^16 + low 16 bits
+        size = self._band_counts.numel()
+        self._band_counts += torch.bincount(idx, minlength=size)
+        if self._band_sums is not None:
+            self._band_sums += torch.bincount(idx, weights=chunk[sel].to(torch.float64),
+                                              minlength=size)
+
+    @property
+    def needs_refine(self) -> bool:
+        """After ``locate``: whether the second pass (``refine``) is needed."""
+        return not self._from_band
 
     @property
     def total_l1(self) -> float:
@@ -60,6 +104,17 @@ class MagnitudeSelect:
         above = int(from_top[idx - 1]) if idx > 0 else 0
         self._rank_in_bin = k - above  # rank of the target inside its bin, from the top
         self._above_l1 = float(self.sums[self._bin + 1:].sum())
+        if self._band is not None and self._band[0] <= self._bin <= self._band[1]:
+            assert self._band_counts is not None
+            at = slice((self._bin - self._band[0]) * _FINE_BINS,
+                       (self._bin - self._band[0] + 1) * _FINE_BINS)
+            self._fine_counts = self._band_counts[at]
+            self._fine_sums = (self._band_sums[at] if self._band_sums is not None
+                               else torch.zeros(_FINE_BINS, dtype=torch.float64,
+                                                device=self.device))
+            self._from_band = True
+            return
+        self._from_band = False
         self._fine_counts = torch.zeros(_FINE_BINS, dtype=torch.int64, device=self.device)
         self._fine_sums = torch.zeros(_FINE_BINS, dtype=torch.float64, device=self.device)
 
@@ -68,11 +123,14 @@ class MagnitudeSelect:
         here on), so several k are refined in one second pass."""
         f = MagnitudeSelect(self.device, track_l1=self.track_l1)
         f.counts, f.sums, f.n = self.counts, self.sums, self.n
+        f._band, f._band_counts, f._band_sums = self._band, self._band_counts, self._band_sums
         f.locate(k)
         return f
 
     def refine(self, mags: torch.Tensor) -> None:
         assert self._fine_counts is not None and self._fine_sums is not None, "call locate first"
+        if self._from_band:
+            return  # the first pass already holds this bin at full resolution
         flat = mags.reshape(-1).to(torch.float32)
         for chunk in flat.split(_CHUNK):
             bits = chunk.contiguous().view(torch.int32)
@@ -96,3 +154,27 @@ class MagnitudeSelect:
         threshold = float(bits.view(torch.float32))
         kept = self._above_l1 + float(self._fine_sums[low:].sum())
         return threshold, kept
+
+
+def band_from(sample: MagnitudeSelect, k: int, n: int, *, margin: float = 0.1) -> tuple[int, int]:
+    """The coarse bins likely to hold the k-th largest of ``n`` values, judged from the coarse
+    histogram of a sample of them: the bins between the sample's ranks k·(1 ∓ margin) (scaled to
+    the sample's size, widened by three binomial standard deviations), plus one bin each side.
+    A guess only: the caller checks ``needs_refine`` and falls back to the second pass."""
+    m = sample.n
+    if m == 0 or n == 0:
+        return (0, -1)
+    ks = k * m / n
+    spread = margin * ks + 3.0 * (ks * max(0.0, 1 - ks / m)) ** 0.5 + 1.0
+    from_top = torch.flip(sample.counts, [0]).cumsum(0).to(torch.float64).cpu()
+
+    def bin_at(rank: float) -> int:  # the coarse bin holding the sample's rank-th largest
+        idx = int(torch.searchsorted(from_top, torch.tensor([rank], dtype=torch.float64)))
+        return _COARSE_BINS - 1 - min(idx, _COARSE_BINS - 1)
+
+    lo = bin_at(min(float(m), ks + spread)) - 1  # more values above: a lower bin
+    hi = bin_at(max(1.0, ks - spread)) + 1
+    if hi - lo + 1 > MAX_BAND:  # too spread to keep: centre on the estimate
+        mid = bin_at(max(1.0, ks))
+        lo, hi = mid - MAX_BAND // 2, mid + MAX_BAND // 2 - 1
+    return max(0, lo), min(_COARSE_BINS - 1, hi)

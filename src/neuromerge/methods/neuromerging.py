@@ -116,7 +116,8 @@ def merge_neurons(w0: torch.Tensor, tv: torch.Tensor, *, lambda1: float, lambda2
                   unit_parallel: bool = False,
                   tensor_sum: Callable[[str, Callable[[], float]], float] | None = None,
                   ) -> torch.Tensor:
-    """λ1 · P + λ2 · O for a 2-D neuronal tensor (rows are neurons), in float64.
+    """λ1 · P + λ2 · O for a 2-D neuronal tensor (rows are neurons), computed in float64 a
+    block of rows at a time and returned in ``w0``'s dtype.
 
     P ᵏ = c̄ᵏ · w0ᵏ with c̄ᵏ the TIES elect + disjoint mean of c_1ᵏ..c_Tᵏ (a zero sum takes the
     sign of the sum of all c of the tensor); O ᵏ is the orthogonal merge (SVD frame or, as an
@@ -127,38 +128,45 @@ def merge_neurons(w0: torch.Tensor, tv: torch.Tensor, *, lambda1: float, lambda2
         def tensor_sum(key: str, local: Callable[[], float]) -> float:
             return float(local())
     t_count, m, n = tv.shape
-    w0 = w0.to(torch.float64)
     block = max(1, BLOCK_BYTES // max(1, 8 * t_count * n))
     blocks = [slice(i, min(m, i + block)) for i in range(0, m, block)]
 
+    def rows64(b: slice) -> torch.Tensor:  # float64 only a block at a time: bounded memory
+        return w0[b].to(torch.float64)
+
     c = None
     if lambda1 != 0 or orthogonal_merge == "ties":  # needed before (or beyond) the row loop
-        c = torch.cat([neuron_coefficients(w0[b], tv[:, b].to(torch.float64)) for b in blocks],
-                      dim=1)
+        c = torch.cat([neuron_coefficients(rows64(b), tv[:, b].to(torch.float64))
+                       for b in blocks], dim=1)
     # tensor-wide sums first: a row-block pre-pass stops as soon as it has them
     c_sum = tensor_sum("c", c.sum) if c is not None and lambda1 != 0 else 0.0
     whole_orth_sum = None
     if c is not None and orthogonal_merge == "ties":  # element-wise election: Σ τ⊥ tensor-wide
         whole_orth_sum = tensor_sum("orthogonal", lambda: float(
-            tv.sum(dtype=torch.float64) - (c.sum(0) * w0.sum(-1)).sum()))
-    ortho = torch.empty((m, n), dtype=torch.float64, device=tv.device)
-    for b in blocks:
-        orth = tv[:, b].to(torch.float64)
-        c_b = c[:, b] if c is not None else neuron_coefficients(w0[b], orth)
-        remove_parallel_(orth, w0[b], c_b)
-        if orthogonal_merge == "svd":
-            ortho[b] = merge_orthogonal_svd(orth, rank_threshold)
-        else:
-            ortho[b] = ties_merge(orth, whole_sum=whole_orth_sum, inplace=True)
-    delta = ortho.mul_(lambda2)
+            tv.sum(dtype=torch.float64) - sum(float((c[:, b].sum(0) * rows64(b).sum(-1)).sum())
+                                              for b in blocks)))
+    c_bar = None
     if lambda1 != 0:
         assert c is not None
         c_bar = disjoint_mean(c, elect_sign(c, whole_sum=c_sum))
-        direction = w0
-        if unit_parallel:
-            norms = w0.norm(dim=-1, keepdim=True)
-            direction = torch.where(norms > 0, w0 / torch.where(norms > 0, norms, 1.0), 0.0)
-        delta += lambda1 * c_bar.unsqueeze(-1) * direction
+    delta = torch.empty((m, n), dtype=w0.dtype, device=w0.device)
+    for b in blocks:
+        w0_b = rows64(b)
+        orth = tv[:, b].to(torch.float64)
+        c_b = c[:, b] if c is not None else neuron_coefficients(w0_b, orth)
+        remove_parallel_(orth, w0_b, c_b)
+        if orthogonal_merge == "svd":
+            d = merge_orthogonal_svd(orth, rank_threshold)
+        else:
+            d = ties_merge(orth, whole_sum=whole_orth_sum, inplace=True)
+        d.mul_(lambda2)
+        if c_bar is not None:
+            direction = w0_b
+            if unit_parallel:
+                norms = w0_b.norm(dim=-1, keepdim=True)
+                direction = torch.where(norms > 0, w0_b / torch.where(norms > 0, norms, 1.0), 0.0)
+            d += lambda1 * c_bar[b].unsqueeze(-1) * direction
+        delta[b] = d  # rounded once, to w0's dtype
     return delta
 
 
@@ -219,7 +227,7 @@ def merge_sparse_task_vectors(base: torch.Tensor, tv: torch.Tensor, ctx: TensorC
         lambda2=lambda2, rank_threshold=rank_threshold, orthogonal_merge=orthogonal_merge,
         unit_parallel=official, tensor_sum=ctx.tensor_sum,
     )
-    return base + delta.reshape(base.shape).to(base.dtype)
+    return delta.reshape(base.shape).add_(base)
 
 
 @merge_method(
