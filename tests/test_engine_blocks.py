@@ -94,6 +94,27 @@ def test_row_blocks_give_the_whole_tensor_result(method: str, params: dict, max_
                                    msg=f"{method} {params} {name}")
 
 
+@pytest.mark.parametrize(("method", "params"), CASES + [(m, {}) for m in WHOLE_TENSOR],
+                         ids=lambda v: str(v))
+def test_compute_blocks_read_once_and_give_the_whole_tensor_result(
+        method: str, params: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors whose inputs fit the budget but exceed COMPUTE_BLOCK_ENTRIES are merged in row
+    blocks (row-local methods only) from inputs read once and held: same result, one read."""
+    base, experts = tie_heavy_models()
+    whole = merged(method, params, base, experts, max_entries=None, monkeypatch=monkeypatch)
+    monkeypatch.setattr(engine, "COMPUTE_BLOCK_ENTRIES", 7)
+    blocks = merged(method, params, base, experts, max_entries=None, monkeypatch=monkeypatch)
+    assert blocks.extra["row_blocks"] == {}
+    if get_method(method).row_local:
+        assert set(blocks.extra["compute_blocks"]) == {"emb", "w", "b"}
+    else:
+        assert blocks.extra["compute_blocks"] == {}
+    assert blocks.bytes_read == whole.bytes_read  # the blocks' passes reuse the held inputs
+    for name, value in whole.state_dict.items():
+        torch.testing.assert_close(blocks.state_dict[name], value, rtol=1e-6, atol=1e-6,
+                                   msg=f"{method} {params} {name}")
+
+
 def test_tie_breaks_matter_in_this_data(monkeypatch: pytest.MonkeyPatch) -> None:
     """Guard for the test above: with the tie-breaks' sums taken per block instead of over the
     whole tensor (what a naive blocked merge does), the TIES result changes."""

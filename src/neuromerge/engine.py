@@ -242,6 +242,10 @@ class _Inputs:
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._checked: set[tuple[int, str, Rows]] = set()
+        #: Tensors merged in row blocks for compute only (their inputs fit the budget as stored):
+        #: read whole once and sliced, so the passes over their blocks do not read them again.
+        self.held: set[str] = set()
+        self._held: tuple[str, torch.Tensor, list[torch.Tensor]] | None = None
 
     def _read(self, reader: CheckpointReader, name: str, rows: Rows) -> torch.Tensor:
         t = reader.read(name) if rows is None else reader.read_rows(name, *rows)
@@ -256,28 +260,43 @@ class _Inputs:
                 self._checked.add(key)
         return t
 
-    def load(self, unit: Unit) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def load(self, unit: Unit, hold: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The base's and every expert's values, as stored, on the CPU."""
         name, rows = unit.plan.name, unit.rows
         if unit.plan.kind == "copy":
             return self._read(self.base, name, rows), []
+        if rows is not None and hold and name in self.held:
+            with self._lock:
+                held = self._held if self._held and self._held[0] == name else None
+            if held is None:
+                self._held = None  # release the previous tensor's inputs before reading
+                held = (name, self._read(self.base, name, None),
+                        [self._read(ex, name, None) for ex in self.experts])
+                with self._lock:
+                    self._held = held
+            return held[1][rows[0]:rows[1]], [e[rows[0]:rows[1]] for e in held[2]]
         return (self._read(self.base, name, rows),
                 [self._read(ex, name, rows) for ex in self.experts])
 
-    def stream(self, units: Sequence[Unit]) -> Iterator[tuple[Unit, torch.Tensor,
-                                                               list[torch.Tensor]]]:
+    def release(self) -> None:
+        with self._lock:
+            self._held = None
+
+    def stream(self, units: Sequence[Unit], hold: bool = True
+               ) -> Iterator[tuple[Unit, torch.Tensor, list[torch.Tensor]]]:
         """(unit, base, experts) for each unit in turn, the next one read while this one is used:
-        reading (I/O, and the finite check) overlaps merging, and uses the other core."""
+        reading (I/O, and the finite check) overlaps merging, and uses the other core.
+        ``hold=False`` reads row blocks of held tensors from the files (a sample of rows)."""
         if not self.read_ahead or len(units) < 2:
             for u in units:
-                yield (u, *self.load(u))
+                yield (u, *self.load(u, hold))
             return
         with ThreadPoolExecutor(1, thread_name_prefix="neuromerge-read") as pool:
-            pending = pool.submit(self.load, units[0])
+            pending = pool.submit(self.load, units[0], hold)
             for i, u in enumerate(units):
                 base, experts = pending.result()
                 if i + 1 < len(units):
-                    pending = pool.submit(self.load, units[i + 1])
+                    pending = pool.submit(self.load, units[i + 1], hold)
                 yield u, base, experts
                 del base, experts
 
@@ -392,7 +411,10 @@ def _sample_bands(units: Sequence[Unit], inputs: _Inputs, ks: Sequence[int]
                   ) -> list[tuple[int, int] | None]:
     """Per task, the coarse bins (lo, hi) that likely hold every k-th largest |τt|."""
     samples = [MagnitudeSelect(inputs.device, track_l1=False) for _ in inputs.experts]
-    for _, base, experts in inputs.stream(_sample_units(units)):
+    # Over one held tensor (its own trim) the sample is sliced from the inputs in memory; over
+    # the whole model it is read from the files, so held tensors are not read in full for it.
+    one_tensor = len({u.plan.name for u in units}) == 1
+    for _, base, experts in inputs.stream(_sample_units(units), hold=one_tensor):
         for t, mags in inputs.task_magnitudes(base, experts):
             samples[t].add(mags)
     n = sum(_numel(u) for u in units)
@@ -470,8 +492,10 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
     plan = build_plan(base, experts, tensor_class=tensor_class, missing_tensors=missing_tensors,
                       out_dtype=odtype)
     budget = memory_budget(memory_limit)
-    units = plan_units(plan, base, experts, budget, cdtype)
-    blocked = {name: len(g) for name, g in _by_tensor(units) if g[0].rows is not None}
+    units, held = plan_units(plan, base, experts, budget, cdtype,
+                             COMPUTE_BLOCK_ENTRIES if method.row_local else None)
+    blocked = {name: len(g) for name, g in _by_tensor(units)
+               if g[0].rows is not None and name not in held}
     if blocked and not method.row_local:
         name = next(iter(blocked))
         raise ConfigError(f"tensor {name!r} does not fit the memory budget "
@@ -482,6 +506,7 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                  len(blocked), "" if len(blocked) == 1 else "s", _gb(budget),
                  ", ".join(f"{n} ({k} blocks)" for n, k in list(blocked.items())[:3]))
     inputs = _Inputs(base, experts, dev, cdtype, read_ahead=read_ahead)
+    inputs.held = held
     stats = None
     seconds: dict[str, float] = {}
     block_thresholds: dict[str, tuple[float, ...]] = {}
@@ -529,6 +554,7 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                 sink.write(p.name, out.cpu(), None if u.rows is None else u.rows[0])
                 bar.update(_numel(u) * p.meta.dtype.itemsize)
                 del out, b, exs
+            inputs.release()
     seconds["merge"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t0
     counts = {k: sum(1 for p in plan if p.kind == k) for k in ("neuronal", "point", "copy")}
@@ -536,7 +562,9 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                        seconds=seconds, model_names=list(model_keys),
                        bytes_read=inputs.bytes_read,
                        extra={"copied": {p.name: p.reason for p in plan if p.kind == "copy"},
-                              "row_blocks": blocked, "memory_budget": budget})
+                              "row_blocks": blocked, "memory_budget": budget,
+                              "compute_blocks": {name: len(g) for name, g in _by_tensor(units)
+                                                 if name in held}})
 
 
 def _prepare_blocks(segment: Sequence[Unit], inputs: _Inputs, method: MergeMethod,
@@ -602,11 +630,21 @@ def memory_budget(limit: int | None) -> int:
     return budget
 
 
+#: Entries of a tensor merged at a time when its inputs fit the budget but the methods' working
+#: copies (task vectors, masks, per-neuron parts: tens of bytes per entry) would dwarf them: an
+#: embedding or LM head is then merged in row blocks from inputs read once and held as stored.
+COMPUTE_BLOCK_ENTRIES = 1 << 21
+
+
 def plan_units(plan: Sequence[TensorPlan], base: CheckpointReader,
                experts: Sequence[CheckpointReader], budget: int,
-               cdtype: torch.dtype) -> list[Unit]:
-    """Each tensor whole, or in row blocks where its working set exceeds ``budget``."""
-    units = []
+               cdtype: torch.dtype, compute_block: int | None = None
+               ) -> tuple[list[Unit], set[str]]:
+    """Each tensor whole, or in row blocks where its working set exceeds ``budget``; with
+    ``compute_block`` (row-local methods), tensors of more entries are also merged in row blocks,
+    read whole once (the returned names: held as stored while their blocks are merged)."""
+    units: list[Unit] = []
+    held: set[str] = set()
     for p in plan:
         if p.kind == "copy":
             itemsize, n_exp = p.meta.dtype.itemsize, 0
@@ -615,8 +653,16 @@ def plan_units(plan: Sequence[TensorPlan], base: CheckpointReader,
                            [ex.meta(p.name).dtype.itemsize for ex in experts])
             n_exp = len(experts)
         per_entry = bytes_per_entry(n_exp, itemsize, cdtype)
-        units.extend(Unit(p, rows) for rows in split_rows(p.meta, max(1, budget // per_entry)))
-    return units
+        rows = split_rows(p.meta, max(1, budget // per_entry))
+        # inputs as stored (this tensor's and the next one's) plus one block's working set
+        stored = 2 * (n_exp + 1) * itemsize * p.meta.numel
+        if (rows == [None] and compute_block and p.kind != "copy"
+                and stored + per_entry * compute_block <= budget):
+            rows = split_rows(p.meta, compute_block)
+            if rows != [None]:
+                held.add(p.name)
+        units.extend(Unit(p, r) for r in rows)
+    return units, held
 
 
 def _proc_kib(path: str, key: str) -> int:

@@ -110,7 +110,7 @@ def test_trim_statistics_equal_the_engines_at_every_density() -> None:
     readers = [StateDictReader(e, f"e{i}") for i, e in enumerate(experts)]
     b = StateDictReader(base, "base")
     plan = build_plan(b, readers)
-    units = plan_units(plan, b, readers, 1 << 30, torch.float32)
+    units = plan_units(plan, b, readers, 1 << 30, torch.float32)[0]
     inputs = _Inputs(b, readers, torch.device("cpu"), torch.float32, read_ahead=False)
     ours = runner.trim_statistics(units, inputs, [0.05, 0.2, 0.5, 1.0])
     for d in (0.05, 0.2, 0.5):
@@ -168,9 +168,9 @@ def test_row_blocks_give_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> No
     real = runner.plan_units
 
     def tiny_budget(plan, b, exs, budget, cdtype):  # type: ignore[no-untyped-def]
-        units = real(plan, b, exs, 3000, cdtype)  # a few rows per block
+        units, held = real(plan, b, exs, 3000, cdtype)  # a few rows per block
         blocks.append(sum(u.rows is not None for u in units))
-        return units
+        return units, held
 
     monkeypatch.setattr(runner, "plan_units", tiny_budget)
     blocked = analyze(base, experts)

@@ -141,7 +141,7 @@ def analyze_readers(base: CheckpointReader, experts: Sequence[CheckpointReader],
     dev = resolve_device(device)
     plan = build_plan(base, experts, tensor_class=tensor_class, missing_tensors=missing_tensors)
     # the statistics hold a trimmed copy and float64 row blocks beside the engine's working set
-    units = plan_units(plan, base, experts, memory_budget(memory_limit) // 2, torch.float32)
+    units = plan_units(plan, base, experts, memory_budget(memory_limit) // 2, torch.float32)[0]
     merged = [u for u in units if u.plan.kind != "copy"]
     inputs = _Inputs(base, experts, dev, torch.float32, read_ahead=read_ahead)
     trims = trim_statistics(merged, inputs, dens, progress=progress)
