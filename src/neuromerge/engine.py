@@ -97,7 +97,7 @@ def _return_freed_tensors_to_the_os() -> None:
     tensors in flight (measured: neuromerging's peak growth 353 → 116 MB on 8 MB tensors)."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+            ctypes.CDLL("libc.so.6").mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -245,7 +245,8 @@ class _Inputs:
         #: Tensors merged in row blocks for compute only (their inputs fit the budget as stored):
         #: read whole once and sliced, so the passes over their blocks do not read them again.
         self.held: set[str] = set()
-        self._held: tuple[str, torch.Tensor, list[torch.Tensor]] | None = None
+        # at most two: the one being merged and the next one, read ahead
+        self._held: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
     def _read(self, reader: CheckpointReader, name: str, rows: Rows) -> torch.Tensor:
         t = reader.read(name) if rows is None else reader.read_rows(name, *rows)
@@ -267,20 +268,25 @@ class _Inputs:
             return self._read(self.base, name, rows), []
         if rows is not None and hold and name in self.held:
             with self._lock:
-                held = self._held if self._held and self._held[0] == name else None
+                held = self._held.get(name)
             if held is None:
-                self._held = None  # release the previous tensor's inputs before reading
-                held = (name, self._read(self.base, name, None),
+                held = (self._read(self.base, name, None),
                         [self._read(ex, name, None) for ex in self.experts])
                 with self._lock:
-                    self._held = held
-            return held[1][rows[0]:rows[1]], [e[rows[0]:rows[1]] for e in held[2]]
+                    self._held[name] = held
+                    while len(self._held) > 2:
+                        del self._held[next(iter(self._held))]
+            return held[0][rows[0]:rows[1]], [e[rows[0]:rows[1]] for e in held[1]]
         return (self._read(self.base, name, rows),
                 [self._read(ex, name, rows) for ex in self.experts])
 
-    def release(self) -> None:
+    def release(self, name: str | None = None) -> None:
+        """Drop the held inputs of ``name`` (of every tensor when None)."""
         with self._lock:
-            self._held = None
+            if name is None:
+                self._held.clear()
+            else:
+                self._held.pop(name, None)
 
     def stream(self, units: Sequence[Unit], hold: bool = True
                ) -> Iterator[tuple[Unit, torch.Tensor, list[torch.Tensor]]]:
@@ -532,29 +538,36 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
     t2 = time.perf_counter()
     bar = tqdm(total=sum(p.meta.nbytes for p in plan), desc=f"merge ({method.name})", unit="B",
                unit_scale=True, disable=not progress, dynamic_ncols=True)
+    groups = {name: g for name, g in _by_tensor(units) if g[0].rows is not None}
+    inputs.release()  # what the statistics passes held
+    fields: dict[str, Any] = {}
     with bar:
-        for segment in _segments(units):
-            fields: dict[str, Any] = {"thresholds": thresholds}
-            if segment[0].rows is not None and segment[0].plan.kind != "copy":
-                fields = _prepare_blocks(segment, inputs, method, resolved, thresholds,
-                                         block_thresholds, merge_unit)
-            for u, b, exs in inputs.stream(segment):
-                p = u.plan
-                bar.set_postfix_str(p.name[-40:], refresh=False)
-                if p.kind == "copy":
-                    out = b
-                else:
-                    out = merge_unit(u, b, exs, **fields).to(p.out_dtype)
-                    if not all_finite(out):
-                        raise InputError(f"tensor {p.name!r}: the merged values are not finite "
-                                         f"in {dtype_name(p.out_dtype)} (overflow? lower the "
-                                         f"scale or use a wider out_dtype)")
-                if p.meta.dtype.is_floating_point and out.dtype != p.out_dtype:
-                    out = out.to(p.out_dtype)
-                sink.write(p.name, out.cpu(), None if u.rows is None else u.rows[0])
-                bar.update(_numel(u) * p.meta.dtype.itemsize)
-                del out, b, exs
-            inputs.release()
+        # one stream over every unit, so the next tensor is read while this one is merged even
+        # across tensors merged in row blocks
+        for u, b, exs in inputs.stream(units):
+            p = u.plan
+            bar.set_postfix_str(p.name[-40:], refresh=False)
+            if p.kind == "copy":
+                out = b
+            else:
+                group = groups.get(p.name)
+                if group is None:
+                    fields = {"thresholds": thresholds}
+                elif u is group[0]:
+                    fields = _prepare_blocks(group, inputs, method, resolved, thresholds,
+                                             block_thresholds, merge_unit)
+                out = merge_unit(u, b, exs, **fields).to(p.out_dtype)
+                if not all_finite(out):
+                    raise InputError(f"tensor {p.name!r}: the merged values are not finite "
+                                     f"in {dtype_name(p.out_dtype)} (overflow? lower the "
+                                     f"scale or use a wider out_dtype)")
+            if p.meta.dtype.is_floating_point and out.dtype != p.out_dtype:
+                out = out.to(p.out_dtype)
+            sink.write(p.name, out.cpu(), None if u.rows is None else u.rows[0])
+            bar.update(_numel(u) * p.meta.dtype.itemsize)
+            if p.name in groups and u is groups[p.name][-1]:
+                inputs.release(p.name)
+            del out, b, exs
     seconds["merge"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t0
     counts = {k: sum(1 for p in plan if p.kind == k) for k in ("neuronal", "point", "copy")}
@@ -594,21 +607,6 @@ def _prepare_blocks(segment: Sequence[Unit], inputs: _Inputs, method: MergeMetho
                 break
             collector.stop_after = collector.calls
     return {"thresholds": thresholds, "sums": collector.values or None}
-
-
-def _segments(units: Sequence[Unit]) -> Iterator[list[Unit]]:
-    """Runs of whole tensors (read ahead across them), and each blocked tensor on its own."""
-    run_: list[Unit] = []
-    for _, group in _by_tensor(units):
-        if group[0].rows is None:
-            run_.extend(group)
-            continue
-        if run_:
-            yield run_
-            run_ = []
-        yield group
-    if run_:
-        yield run_
 
 
 #: Memory held outside the tensors in flight: the writer, headers, allocator slack, threads.
