@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from neuromerge import __version__
+from neuromerge.architectures import read_architecture
 from neuromerge.config import MergeConfig, config_from_dict, load_config
 from neuromerge.engine import MergeResult, TensorPlan, log, run
 from neuromerge.errors import OutputError
@@ -73,12 +74,14 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
             return writer[0]
 
         prints = [fingerprint(r) for r in (base, *experts)]
+        arch = read_architecture(base_path)
         result = run(base, experts, method, params, sink_factory,
                      model_keys=[e.model for e in cfg.models],
                      per_model=[e.parameters for e in cfg.models],
                      tensor_class=cfg.tensor_class, missing_tensors=cfg.missing_tensors,
                      dtype=cfg.dtype, out_dtype=cfg.out_dtype, device=device,
-                     progress=progress, memory_limit=limit, read_ahead=read_ahead)
+                     progress=progress, memory_limit=limit, read_ahead=read_ahead,
+                     architecture=arch, neuron_axes=cfg.neuron_axis)
         writer[0].close()
         copy_support_files(base_path, tmp, out_dtype=cfg.out_dtype)
         as_given = cfg.model_dump(exclude_defaults=False)
@@ -133,6 +136,9 @@ def _write_record(folder: Path, config: Mapping[str, Any], result: MergeResult,
         "bytes_read": result.bytes_read,
         "memory_budget": result.extra.get("memory_budget"),
         "row_blocks": result.extra.get("row_blocks", {}),
+        "architecture": result.extra.get("architecture"),
+        "neuron_axes": result.extra.get("neuron_axes", {}),
+        "tied": result.extra.get("tied", {}),
     }
     (folder / "neuromerge_result.json").write_text(json.dumps(record, indent=2) + "\n")
 
