@@ -162,6 +162,10 @@ def test_tied_copies_are_merged_once_and_left_out(tmp_path: Path) -> None:
     record = json.loads((out / "neuromerge_result.json").read_text())
     assert record["tied"] == {"lm_head.weight": "wte.weight"}
     assert record["neuron_axes"] == {FC: 1}
+    card = (out / "README.md").read_text()
+    assert "`lm_head.weight` is tied to `wte.weight`" in card
+    assert "1 neuronal tensors have their neurons on another axis than rows" in card
+    assert "- architecture: gpt2" in card
 
 
 def test_unequal_copies_are_not_tied(tmp_path: Path) -> None:
