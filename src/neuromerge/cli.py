@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(safetensors, config and tokenizer copied from the base, and a model card).",
         epilog=_MERGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("config", help="merge configuration (YAML)")
-    m.add_argument("out_dir", help="output folder (must not exist unless --force)")
+    m.add_argument("out_dir", nargs="?", default=None,
+                   help="output folder (must not exist unless --force)")
     m.add_argument("-p", "--param", dest="params", action="append", default=[],
                    type=_key_value, metavar="KEY=VALUE",
                    help="override a method parameter, e.g. -p density=0.1 (repeatable; "
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak memory of the whole merge, e.g. 4GB: tensors that do not fit are "
                         "merged in row blocks, with the same result (default: tensors are split "
                         "only beyond half the memory available)")
+    m.add_argument("--dry-run", action="store_true",
+                   help="print the plan (each tensor's kind and neuron axis, read from the "
+                        "base's config.json and the config) and write nothing")
     m.add_argument("--no-read-ahead", dest="read_ahead", action="store_false",
                    help="do not read the next tensor while merging this one (less memory, "
                         "slower)")
@@ -229,9 +233,16 @@ def _setup_logging(quiet: bool) -> None:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from neuromerge.config import load_config
-    from neuromerge.pipeline import merge
+    from neuromerge.errors import ConfigError
+    from neuromerge.pipeline import merge, plan_merge
 
     cfg = load_config(args.config)
+    if args.dry_run:
+        print(plan_merge(cfg).table())
+        return 0
+    if args.out_dir is None:
+        raise ConfigError("merge: the output folder is missing (neuromerge merge CONFIG "
+                          "OUT_DIR; --dry-run needs none)")
     overrides = dict(args.params)
     if args.seed is not None:
         if "seed" in cfg.method.param_names:

@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
 
 from neuromerge.errors import ConfigError, InputError
 from neuromerge.registry import MergeMethod, get_method
@@ -47,6 +55,11 @@ class MergeConfig(BaseModel):
         default_factory=dict,
         description="glob pattern on tensor names → neuronal | point | copy (from the base); "
                     "first match wins")
+    neuron_axis: dict[str, NonNegativeInt] = Field(
+        default_factory=dict,
+        description="glob pattern on tensor names → the axis of a neuronal tensor that indexes "
+                    "its neurons (0: rows; 1: columns, GPT-2's Conv1D); first match wins, "
+                    "before the rules read from the base's config.json")
     missing_tensors: Literal["error", "base"] = Field(
         "error", description="a tensor of the base that an expert lacks: error, or copy it "
                              "from the base")

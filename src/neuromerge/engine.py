@@ -25,6 +25,14 @@ from typing import Any, Literal, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from neuromerge.architectures import (
+    UNKNOWN,
+    Architecture,
+    from_config,
+    neuron_axis,
+    suspicious_without_config,
+    tied_copies,
+)
 from neuromerge.errors import ConfigError, InputError
 from neuromerge.io.dtypes import NAME_TO_TORCH, dtype_name
 from neuromerge.io.reader import CheckpointReader, StateDictReader, TensorMeta
@@ -51,6 +59,20 @@ class TensorPlan:
     kind: Kind
     out_dtype: torch.dtype
     reason: str = ""  # why a tensor is copied from the base
+    #: The axis indexing the neurons of a neuronal tensor (1: a Conv1D (in, out) weight); the
+    #: engine hands methods every tensor with this axis first, and writes it back as stored.
+    neuron_axis: int = 0
+    axis_reason: str = ""  # why neuron_axis is not 0
+
+
+def to_neurons(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """A tensor as stored → (neurons, ...): the neuron axis first (contiguous)."""
+    return t if axis == 0 else t.movedim(axis, 0).contiguous()
+
+
+def from_neurons(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """The inverse of :func:`to_neurons`: back to the stored layout."""
+    return t if axis == 0 else t.movedim(0, axis).contiguous()
 
 
 @dataclass
@@ -71,8 +93,10 @@ class MergeResult:
 
 
 class TensorSink(Protocol):
-    def write(self, name: str, tensor: torch.Tensor, row_start: int | None = None) -> None:
-        """Take a merged tensor, or (``row_start`` given) the next row block of one."""
+    def write(self, name: str, tensor: torch.Tensor, row_start: int | None = None,
+              axis: int = 0) -> None:
+        """Take a merged tensor, or (``row_start`` given) the next block of one along ``axis``
+        (in the stored layout)."""
 
 
 class DictSink:
@@ -80,13 +104,14 @@ class DictSink:
         self.state_dict: dict[str, torch.Tensor] = {}
         self._shapes = {p.name: p.meta.shape for p in plan}
 
-    def write(self, name: str, tensor: torch.Tensor, row_start: int | None = None) -> None:
+    def write(self, name: str, tensor: torch.Tensor, row_start: int | None = None,
+              axis: int = 0) -> None:
         if row_start is None:
             self.state_dict[name] = tensor
             return
         if name not in self.state_dict:
             self.state_dict[name] = tensor.new_empty(self._shapes[name])
-        self.state_dict[name][row_start:row_start + tensor.shape[0]] = tensor
+        self.state_dict[name].narrow(axis, row_start, tensor.shape[axis]).copy_(tensor)
 
 
 @functools.cache
@@ -131,13 +156,20 @@ def compute_dtype(name: str | torch.dtype) -> torch.dtype:
 def build_plan(base: CheckpointReader, experts: Sequence[CheckpointReader], *,
                tensor_class: Mapping[str, Kind] | None = None,
                missing_tensors: str = "error",
-               out_dtype: torch.dtype | None = None) -> list[TensorPlan]:
-    """Check that the experts match the base (names, shapes, float-ness) and classify tensors.
+               out_dtype: torch.dtype | None = None,
+               architecture: Architecture = UNKNOWN,
+               neuron_axes: Mapping[str, int] | None = None,
+               omit: Mapping[str, str] | None = None) -> list[TensorPlan]:
+    """Check that the experts match the base (names, shapes, float-ness), classify tensors and
+    resolve each neuronal tensor's neuron axis (``architecture``'s rules, ``neuron_axes`` glob
+    overrides first).
 
     Only tensors that are merged must be in every expert: a ``copy`` tensor (non-float buffers
     such as ``position_ids``, or a ``tensor_class`` override) comes from the base whatever the
     experts hold, so an expert saved without it (newer transformers drop such buffers) is fine.
+    ``omit`` ({tied copy: kept tensor}, ``architectures.tied_copies``) are left out of the plan.
     """
+    omit = omit or {}
     base_set = set(base.names())
     for ex in experts:
         extra = [n for n in ex.names() if n not in base_set]
@@ -147,9 +179,14 @@ def build_plan(base: CheckpointReader, experts: Sequence[CheckpointReader], *,
     have = [set(ex.names()) for ex in experts]
     plan = []
     for name in base.names():
+        if name in omit:
+            continue
         meta = base.meta(name)
         is_float = meta.dtype.is_floating_point
         kind, reason = _classify(name, meta, tensor_class or {})
+        if kind != "copy" and (why := architecture.copy_reason(name, meta)) and not any(
+                fnmatch.fnmatchcase(name, pat) for pat in (tensor_class or {})):
+            kind, reason = "copy", why
         lacking = [ex.source for ex, names in zip(experts, have, strict=True)
                    if name not in names]
         if lacking and kind != "copy":
@@ -169,7 +206,9 @@ def build_plan(base: CheckpointReader, experts: Sequence[CheckpointReader], *,
                 raise InputError(f"tensor {name!r}: {dtype_name(em.dtype)} in {ex.source} but "
                                  f"{dtype_name(meta.dtype)} in the base")
         out = out_dtype if (out_dtype is not None and is_float) else meta.dtype
-        plan.append(TensorPlan(name, meta, kind, out, reason))
+        axis, why_axis = (neuron_axis(name, meta, architecture, neuron_axes or {})
+                          if kind == "neuronal" else (0, ""))
+        plan.append(TensorPlan(name, meta, kind, out, reason, axis, why_axis))
     return plan
 
 
@@ -200,12 +239,13 @@ def _classify(name: str, meta: TensorMeta, overrides: Mapping[str, Kind]) -> tup
     return ("neuronal" if len(meta.shape) >= 2 else "point"), ""
 
 
-Rows = tuple[int, int] | None  # a row block [start, stop) of a tensor, or None: all of it
+Rows = tuple[int, int] | None  # a block [start, stop) of a tensor's neurons, or None: all of it
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One piece of work: a tensor, or a row block of one too large for the memory budget."""
+    """One piece of work: a tensor, or a block of its neurons (rows in the (neurons, ...) view
+    methods see; columns of a Conv1D weight as stored) when it is too large for the budget."""
 
     plan: TensorPlan
     rows: Rows = None
@@ -220,14 +260,14 @@ def bytes_per_entry(n_experts: int, in_itemsize: int, cdtype: torch.dtype) -> in
     return 2 * (n_experts + 1) * in_itemsize + (n_experts + 1) * c + 48
 
 
-def split_rows(meta: TensorMeta, max_entries: int) -> list[Rows]:
-    """Row blocks of at most ``max_entries`` entries (at least one row each); ``[None]`` when the
-    tensor fits whole."""
-    if meta.numel <= max_entries or len(meta.shape) == 0 or meta.shape[0] <= 1:
+def split_rows(meta: TensorMeta, max_entries: int, axis: int = 0) -> list[Rows]:
+    """Blocks along ``axis`` (the neuron axis) of at most ``max_entries`` entries (at least one
+    neuron each); ``[None]`` when the tensor fits whole."""
+    if meta.numel <= max_entries or len(meta.shape) == 0 or meta.shape[axis] <= 1:
         return [None]
-    row = max(1, meta.numel // meta.shape[0])
+    n = meta.shape[axis]
+    row = max(1, meta.numel // n)
     step = max(1, max_entries // row)
-    n = meta.shape[0]
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
 
@@ -248,8 +288,13 @@ class _Inputs:
         # at most two: the one being merged and the next one, read ahead
         self._held: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
-    def _read(self, reader: CheckpointReader, name: str, rows: Rows) -> torch.Tensor:
-        t = reader.read(name) if rows is None else reader.read_rows(name, *rows)
+    def _read(self, reader: CheckpointReader, name: str, rows: Rows, axis: int = 0
+              ) -> torch.Tensor:
+        if rows is None:
+            t = reader.read(name)
+        else:  # readers written before neuron axes take (name, start, stop)
+            t = reader.read_rows(name, *rows) if axis == 0 else reader.read_rows(name, *rows,
+                                                                                  axis=axis)
         key = (id(reader), name, rows)  # each input is checked once, not once per pass
         with self._lock:
             self.bytes_read += t.numel() * t.element_size()
@@ -259,26 +304,28 @@ class _Inputs:
                 raise InputError(f"{reader.source}: tensor {name!r} contains NaN or Inf")
             with self._lock:
                 self._checked.add(key)
-        return t
+        return to_neurons(t, axis)
 
     def load(self, unit: Unit, hold: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The base's and every expert's values, as stored, on the CPU."""
-        name, rows = unit.plan.name, unit.rows
+        """The base's and every expert's values on the CPU, in their stored dtype, as
+        (neurons, ...): a column-neuron tensor arrives transposed (``TensorPlan.neuron_axis``).
+        Row blocks of a held tensor are sliced from its inputs, read whole once."""
+        name, rows, axis = unit.plan.name, unit.rows, unit.plan.neuron_axis
         if unit.plan.kind == "copy":
-            return self._read(self.base, name, rows), []
+            return self._read(self.base, name, rows, axis), []
         if rows is not None and hold and name in self.held:
             with self._lock:
                 held = self._held.get(name)
             if held is None:
-                held = (self._read(self.base, name, None),
-                        [self._read(ex, name, None) for ex in self.experts])
+                held = (self._read(self.base, name, None, axis),
+                        [self._read(ex, name, None, axis) for ex in self.experts])
                 with self._lock:
                     self._held[name] = held
                     while len(self._held) > 2:
                         del self._held[next(iter(self._held))]
             return held[0][rows[0]:rows[1]], [e[rows[0]:rows[1]] for e in held[1]]
-        return (self._read(self.base, name, rows),
-                [self._read(ex, name, rows) for ex in self.experts])
+        return (self._read(self.base, name, rows, axis),
+                [self._read(ex, name, rows, axis) for ex in self.experts])
 
     def release(self, name: str | None = None) -> None:
         """Drop the held inputs of ``name`` (of every tensor when None)."""
@@ -401,11 +448,10 @@ def _sample_units(units: Sequence[Unit]) -> list[Unit]:
     out = []
     for u in units:
         numel = _numel(u)
-        start, stop = u.rows if u.rows is not None else (0, u.plan.meta.shape[0] if
-                                                         u.plan.meta.shape else 1)
         if numel < _SAMPLE_MIN or len(u.plan.meta.shape) < 2:
             out.append(u)
             continue
+        start, stop = u.rows if u.rows is not None else (0, u.plan.meta.shape[u.plan.neuron_axis])
         run = max(1, (stop - start) // (_SAMPLE_EVERY * _SAMPLE_BLOCKS))
         step = (stop - start) // _SAMPLE_BLOCKS
         out.extend(replace(u, rows=(start + i * step, start + i * step + run))
@@ -446,7 +492,7 @@ def _blocked_tensor_trim(group: Sequence[Unit], inputs: _Inputs, density: float
 def _numel(u: Unit) -> int:
     if u.rows is None:
         return u.plan.meta.numel
-    return (u.rows[1] - u.rows[0]) * (u.plan.meta.numel // u.plan.meta.shape[0])
+    return (u.rows[1] - u.rows[0]) * (u.plan.meta.numel // u.plan.meta.shape[u.plan.neuron_axis])
 
 
 def _by_tensor(units: Sequence[Unit]) -> Iterator[tuple[str, list[Unit]]]:
@@ -482,21 +528,27 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
         tensor_class: Mapping[str, Kind] | None = None, missing_tensors: str = "error",
         dtype: str | torch.dtype = "float32", out_dtype: str | torch.dtype | None = None,
         device: str | torch.device = "cpu", progress: bool = True,
-        memory_limit: int | None = None, read_ahead: bool = True) -> MergeResult:
+        memory_limit: int | None = None, read_ahead: bool = True,
+        architecture: Architecture = UNKNOWN,
+        neuron_axes: Mapping[str, int] | None = None) -> MergeResult:
     """Merge ``experts`` into ``base`` with ``method`` (``params`` already validated).
 
     ``model_keys`` name the experts in logs and results and identify them for per-model
     random streams (DARE), so the order of the experts does not matter. ``memory_limit`` (bytes,
     the whole process) bounds the tensors in flight: a tensor that does not fit is merged in row
     blocks, with the same result. Without it, tensors are split only beyond half the memory
-    available at the start."""
+    available at the start. ``architecture`` (the base's config) and ``neuron_axes`` (glob →
+    axis overrides) decide each tensor's neuron axis and which tensors are tied copies."""
     t0 = time.perf_counter()
     _return_freed_tensors_to_the_os()
     dev = resolve_device(device)
     cdtype = compute_dtype(dtype)
     odtype = NAME_TO_TORCH[out_dtype] if isinstance(out_dtype, str) else out_dtype
+    tied = tied_copies(base, experts, architecture)
     plan = build_plan(base, experts, tensor_class=tensor_class, missing_tensors=missing_tensors,
-                      out_dtype=odtype)
+                      out_dtype=odtype, architecture=architecture, neuron_axes=neuron_axes,
+                      omit=tied)
+    _log_layout(plan, architecture, tied, neuron_axes or {})
     budget = memory_budget(memory_limit)
     units, held = plan_units(plan, base, experts, budget, cdtype,
                              COMPUTE_BLOCK_ENTRIES if method.row_local else None)
@@ -563,7 +615,13 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                                      f"scale or use a wider out_dtype)")
             if p.meta.dtype.is_floating_point and out.dtype != p.out_dtype:
                 out = out.to(p.out_dtype)
-            sink.write(p.name, out.cpu(), None if u.rows is None else u.rows[0])
+            out = from_neurons(out.cpu(), p.neuron_axis)
+            if u.rows is None:
+                sink.write(p.name, out)
+            elif p.neuron_axis == 0:  # sinks written before neuron axes take no axis
+                sink.write(p.name, out, u.rows[0])
+            else:
+                sink.write(p.name, out, u.rows[0], axis=p.neuron_axis)
             bar.update(_numel(u) * p.meta.dtype.itemsize)
             if p.name in groups and u is groups[p.name][-1]:
                 inputs.release(p.name)
@@ -577,7 +635,11 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                        extra={"copied": {p.name: p.reason for p in plan if p.kind == "copy"},
                               "row_blocks": blocked, "memory_budget": budget,
                               "compute_blocks": {name: len(g) for name, g in _by_tensor(units)
-                                                 if name in held}})
+                                                 if name in held},
+                              "architecture": architecture.record(),
+                              "neuron_axes": {p.name: p.neuron_axis for p in plan
+                                              if p.neuron_axis != 0},
+                              "tied": tied})
 
 
 def _prepare_blocks(segment: Sequence[Unit], inputs: _Inputs, method: MergeMethod,
@@ -651,12 +713,12 @@ def plan_units(plan: Sequence[TensorPlan], base: CheckpointReader,
                            [ex.meta(p.name).dtype.itemsize for ex in experts])
             n_exp = len(experts)
         per_entry = bytes_per_entry(n_exp, itemsize, cdtype)
-        rows = split_rows(p.meta, max(1, budget // per_entry))
+        rows = split_rows(p.meta, max(1, budget // per_entry), p.neuron_axis)
         # inputs as stored (this tensor's and the next one's) plus one block's working set
         stored = 2 * (n_exp + 1) * itemsize * p.meta.numel
         if (rows == [None] and compute_block and p.kind != "copy"
                 and stored + per_entry * compute_block <= budget):
-            rows = split_rows(p.meta, compute_block)
+            rows = split_rows(p.meta, compute_block, p.neuron_axis)
             if rows != [None]:
                 held.add(p.name)
         units.extend(Unit(p, r) for r in rows)
@@ -692,6 +754,26 @@ def _log_resolved(method: MergeMethod, params: Mapping[str, Any], stats: TrimSta
             log.info("lambda2 resolved to %.6g (= 1/(1 - max σ))", params["lambda2"])
 
 
+def _log_layout(plan: Sequence[TensorPlan], arch: Architecture, tied: Mapping[str, str],
+                overrides: Mapping[str, int]) -> None:
+    """The architecture, the tensors whose neurons are not rows, and the tied copies left out;
+    a warning where a GPT-2-style Conv1D name is merged row-wise for lack of a config.json."""
+    cols = [p for p in plan if p.neuron_axis != 0]
+    log.info("architecture: %s; %d tensor%s with another neuron axis than rows%s",
+             arch.describe(), len(cols), "" if len(cols) == 1 else "s",
+             "".join(f"{', ' if i else ': '}{p.name} (axis {p.neuron_axis}, {p.axis_reason})"
+                     for i, p in enumerate(cols[:2])) + (", ..." if len(cols) > 2 else ""))
+    for copy, kept in tied.items():
+        log.info("%s is tied to %s (equal in every model): merged once, left out of the output "
+                 "as save_pretrained does", copy, kept)
+    if not arch.source and not overrides:
+        name = suspicious_without_config([p.name for p in plan if p.kind == "neuronal"])
+        if name:
+            log.warning("no config.json: %r is merged with its rows as neurons; if it is a "
+                        "GPT-2-style Conv1D weight (in, out), its neurons are columns: set "
+                        "neuron_axis: {'*.c_fc.weight': 1, ...} in the config", name)
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
@@ -704,11 +786,15 @@ def merge_state_dicts(
     tensor_class: Mapping[str, Kind] | None = None, missing_tensors: str = "error",
     dtype: str = "float32", out_dtype: str | None = None, device: str = "cpu",
     progress: bool = False, per_model: Sequence[Mapping[str, Any]] | None = None,
-    memory_limit: int | None = None,
+    memory_limit: int | None = None, config: Mapping[str, Any] | None = None,
+    neuron_axis: Mapping[str, int] | None = None,
 ) -> MergeResult:
     """Merge in-memory state dicts with the same engine as ``neuromerge merge`` (global trim and
     ``lambda2: auto`` included). ``experts`` may be a list or a {name: state_dict} mapping (the
-    names identify models for per-model seeds). The merged tensors are in ``.state_dict``."""
+    names identify models for per-model seeds). The merged tensors are in ``.state_dict``.
+    ``config`` (``model.config.to_dict()`` or a config.json's content) gives the architecture
+    (GPT-2's Conv1D weights have their neurons as columns); ``neuron_axis`` maps name globs to
+    axes, as the YAML key of that name."""
     m = method if isinstance(method, MergeMethod) else get_method(method)
     full = m.validate(params)
     if isinstance(experts, Mapping):
@@ -728,6 +814,7 @@ def merge_state_dicts(
                  m, full, sink_factory, model_keys=keys, per_model=per_model,
                  tensor_class=tensor_class, missing_tensors=missing_tensors, dtype=dtype,
                  out_dtype=out_dtype, device=device, progress=progress,
-                 memory_limit=memory_limit)
+                 memory_limit=memory_limit, architecture=from_config(config),
+                 neuron_axes=neuron_axis)
     result.state_dict = sinks[0].state_dict
     return result

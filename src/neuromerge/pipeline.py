@@ -6,16 +6,19 @@ import contextlib
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from neuromerge import __version__
+from neuromerge.architectures import Architecture, read_architecture, tied_copies
 from neuromerge.config import MergeConfig, config_from_dict, load_config
-from neuromerge.engine import MergeResult, TensorPlan, log, run
+from neuromerge.engine import MergeResult, TensorPlan, build_plan, log, run
 from neuromerge.errors import OutputError
 from neuromerge.io.card import input_record, model_card
+from neuromerge.io.dtypes import NAME_TO_TORCH, dtype_name
 from neuromerge.io.model_folder import copy_support_files
 from neuromerge.io.reader import CheckpointReader, TensorMeta, fingerprint, open_checkpoint
 from neuromerge.io.writer import OutputFolder, ShardedSafetensorsWriter, parse_size
@@ -34,12 +37,7 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
     ``memory_limit`` (``"8GB"`` or bytes) bounds the whole process's memory: tensors that do not
     fit are merged in row blocks.
     """
-    if isinstance(config, MergeConfig):
-        cfg = config
-    elif isinstance(config, Mapping):
-        cfg = config_from_dict(dict(config))
-    else:
-        cfg = load_config(config)
+    cfg = _as_config(config)
     if overrides:
         cfg = cfg.with_overrides(dict(overrides))
     method = cfg.method
@@ -73,12 +71,14 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
             return writer[0]
 
         prints = [fingerprint(r) for r in (base, *experts)]
+        arch = read_architecture(base_path)
         result = run(base, experts, method, params, sink_factory,
                      model_keys=[e.model for e in cfg.models],
                      per_model=[e.parameters for e in cfg.models],
                      tensor_class=cfg.tensor_class, missing_tensors=cfg.missing_tensors,
                      dtype=cfg.dtype, out_dtype=cfg.out_dtype, device=device,
-                     progress=progress, memory_limit=limit, read_ahead=read_ahead)
+                     progress=progress, memory_limit=limit, read_ahead=read_ahead,
+                     architecture=arch, neuron_axes=cfg.neuron_axis)
         writer[0].close()
         copy_support_files(base_path, tmp, out_dtype=cfg.out_dtype)
         as_given = cfg.model_dump(exclude_defaults=False)
@@ -94,6 +94,61 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
              "" if len(writer[0].filenames) == 1 else "s", writer[0].total_size / 1e9,
              result.seconds["total"])
     return result
+
+
+@dataclass
+class MergePlan:
+    """What ``neuromerge merge --dry-run`` shows: every tensor's kind and neuron axis, the
+    architecture read from the base's config.json, the tied copies left out."""
+
+    architecture: Architecture
+    tensors: list[TensorPlan]
+    tied: dict[str, str]
+
+    def table(self) -> str:
+        rows = [("tensor", "shape", "dtype", "kind", "neuron axis", "why")]
+        for p in self.tensors:
+            axis = str(p.neuron_axis) if p.kind == "neuronal" else "-"
+            why = p.axis_reason if p.kind == "neuronal" else p.reason
+            rows.append((p.name, "x".join(map(str, p.meta.shape)) or "scalar",
+                         dtype_name(p.meta.dtype), p.kind, axis, why))
+        rows += [(copy, "", "", "tied", "-", f"= {kept}, left out") for copy, kept
+                 in self.tied.items()]
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = [f"architecture: {self.architecture.describe()}"]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[5]
+                  for r in rows]
+        return "\n".join(line.rstrip() for line in lines)
+
+
+def plan_merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]) -> MergePlan:
+    """The plan of a merge without merging: headers and config.json only (and, where a base
+    stores tied embeddings twice, the reads that check the copies are equal)."""
+    cfg = _as_config(config)
+    base_path = cfg.resolve_path(cfg.base_model)
+    with contextlib.ExitStack() as stack:
+        base = open_checkpoint(base_path)
+        stack.callback(base.close)
+        experts: list[CheckpointReader] = []
+        for e in cfg.models:
+            experts.append(open_checkpoint(cfg.resolve_path(e.model)))
+            stack.callback(experts[-1].close)
+        arch = read_architecture(base_path)
+        tied = tied_copies(base, experts, arch)
+        plan = build_plan(base, experts, tensor_class=cfg.tensor_class,
+                          missing_tensors=cfg.missing_tensors, architecture=arch,
+                          neuron_axes=cfg.neuron_axis, omit=tied,
+                          out_dtype=NAME_TO_TORCH[cfg.out_dtype] if cfg.out_dtype else None)
+    return MergePlan(arch, plan, tied)
+
+
+def _as_config(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]
+               ) -> MergeConfig:
+    if isinstance(config, MergeConfig):
+        return config
+    if isinstance(config, Mapping):
+        return config_from_dict(dict(config))
+    return load_config(config)
 
 
 def _out_meta(p: TensorPlan) -> TensorMeta:
@@ -133,6 +188,9 @@ def _write_record(folder: Path, config: Mapping[str, Any], result: MergeResult,
         "bytes_read": result.bytes_read,
         "memory_budget": result.extra.get("memory_budget"),
         "row_blocks": result.extra.get("row_blocks", {}),
+        "architecture": result.extra.get("architecture"),
+        "neuron_axes": result.extra.get("neuron_axes", {}),
+        "tied": result.extra.get("tied", {}),
     }
     (folder / "neuromerge_result.json").write_text(json.dumps(record, indent=2) + "\n")
 

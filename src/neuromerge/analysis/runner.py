@@ -30,6 +30,7 @@ from neuromerge import __version__
 from neuromerge.analysis.layout import NO_LAYER, Layout
 from neuromerge.analysis.report import write_report
 from neuromerge.analysis.stats import CHistogram, Record, add_into, derive, tensor_stats, total
+from neuromerge.architectures import UNKNOWN, Architecture, read_architecture
 from neuromerge.engine import (
     Kind,
     Unit,
@@ -120,7 +121,9 @@ def analyze(base: Source, experts: Sequence[Source] | Mapping[str, Source],
         result = analyze_readers(base_r, readers, tasks, densities=dens,
                                  conflict_density=conflict_density, device=device,
                                  progress=progress, memory_limit=limit, read_ahead=read_ahead,
-                                 tensor_class=tensor_class, missing_tensors=missing_tensors)
+                                 tensor_class=tensor_class, missing_tensors=missing_tensors,
+                                 architecture=(UNKNOWN if isinstance(base, Mapping)
+                                               else read_architecture(base)))
         if folder is not None:
             with folder as tmp:
                 write_report(result, tmp, plots=plots)
@@ -133,13 +136,16 @@ def analyze_readers(base: CheckpointReader, experts: Sequence[CheckpointReader],
                     conflict_density: float = DEFAULT_CONFLICT_DENSITY, device: str = "cpu",
                     progress: bool = False, memory_limit: int | None = None,
                     read_ahead: bool = True, tensor_class: Mapping[str, Kind] | None = None,
-                    missing_tensors: str = "error") -> Analysis:
-    """``analyze`` on open readers, without writing anything."""
+                    missing_tensors: str = "error", architecture: Architecture = UNKNOWN
+                    ) -> Analysis:
+    """``analyze`` on open readers, without writing anything. ``architecture`` (the base's
+    config.json) gives each tensor's neuron axis, as in a merge (GPT-2's Conv1D: columns)."""
     t0 = time.perf_counter()
     _return_freed_tensors_to_the_os()
     dens = _check_densities(densities, conflict_density)
     dev = resolve_device(device)
-    plan = build_plan(base, experts, tensor_class=tensor_class, missing_tensors=missing_tensors)
+    plan = build_plan(base, experts, tensor_class=tensor_class, missing_tensors=missing_tensors,
+                      architecture=architecture)
     # the statistics hold a trimmed copy and float64 row blocks beside the engine's working set
     units = plan_units(plan, base, experts, memory_budget(memory_limit) // 2, torch.float32)[0]
     merged = [u for u in units if u.plan.kind != "copy"]

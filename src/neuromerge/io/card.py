@@ -85,6 +85,17 @@ def model_card(*, version: str, method: MergeMethod, config: Mapping[str, Any],
         reasons[why or "copy"] = reasons.get(why or "copy", 0) + 1
     for why, n in reasons.items():
         lines.append(f"- {n} copied: {why}")
+    arch = result.extra.get("architecture") or {}
+    axes = result.extra.get("neuron_axes") or {}
+    if arch.get("config"):
+        lines.append(f"- architecture: {'/'.join(arch['model_types']) or 'unknown'} (from the "
+                     f"base's config.json)")
+    if axes:
+        shown = ", ".join(f"`{n}`" for n in list(axes)[:3]) + (", ..." if len(axes) > 3 else "")
+        lines.append(f"- {len(axes)} neuronal tensors have their neurons on another axis than "
+                     f"rows (GPT-2-style Conv1D columns, broadcast tables): {shown}")
+    for copy, kept in (result.extra.get("tied") or {}).items():
+        lines.append(f"- `{copy}` is tied to `{kept}`: merged once, left out of the output")
     lines += ["", "## Configuration", "", "```yaml",
               yaml.safe_dump(dict(config), sort_keys=False).rstrip(), "```", "",
               f"Merge time: {result.seconds.get('total', 0):.1f} s.", ""]

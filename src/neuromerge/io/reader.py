@@ -50,7 +50,7 @@ class CheckpointReader(Protocol):
     def names(self) -> list[str]: ...
     def meta(self, name: str) -> TensorMeta: ...
     def read(self, name: str) -> torch.Tensor: ...
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor: ...
+    def read_rows(self, name: str, start: int, stop: int, axis: int = 0) -> torch.Tensor: ...
     def files(self) -> list[Path]: ...
     def close(self) -> None: ...
 
@@ -107,27 +107,40 @@ class SafetensorsFile:
 
     def read(self, name: str) -> torch.Tensor:
         meta = self._entries[name][0]
-        return self._read(name, 0, meta.shape[0] if meta.shape else 1, whole=True)
+        return self.read_rows(name, 0, meta.shape[0] if meta.shape else 1)
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of a tensor (its first axis): one contiguous positioned read."""
-        return self._read(name, start, stop, whole=False)
+    def read_rows(self, name: str, start: int, stop: int, axis: int = 0) -> torch.Tensor:
+        """Indices ``start:stop`` of axis ``axis`` (rows: axis 0): one contiguous positioned read
+        per index of the axes before it (one in all for rows; a column block of an (in, out)
+        Conv1D weight takes one read per input row)."""
+        meta, begin, _ = self._entries[name]
+        if not meta.shape:
+            return self._pread(name, torch.empty((), dtype=meta.dtype), begin)
+        outer = _prod(meta.shape[:axis])
+        inner = _prod(meta.shape[axis + 1:]) * meta.dtype.itemsize
+        n = meta.shape[axis]
+        out = torch.empty((outer, stop - start, inner // meta.dtype.itemsize), dtype=meta.dtype)
+        for o in range(outer):
+            self._pread(name, out[o], begin + (o * n + start) * inner)
+        return out.reshape(*meta.shape[:axis], stop - start, *meta.shape[axis + 1:])
 
-    def _read(self, name: str, start: int, stop: int, *, whole: bool) -> torch.Tensor:
-        meta, begin, end = self._entries[name]
-        shape = meta.shape if whole else (stop - start, *meta.shape[1:])
-        out = torch.empty(shape, dtype=meta.dtype)
-        row_bytes = (end - begin) // meta.shape[0] if meta.shape and meta.shape[0] else 0
+    def _pread(self, name: str, out: torch.Tensor, begin: int) -> torch.Tensor:
         nbytes = out.numel() * out.element_size()
         if nbytes:
             view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-            offset = self._data_start + begin + start * row_bytes
-            if _read_into(self._fh, view, offset) != nbytes:
+            if _read_into(self._fh, view, self._data_start + begin) != nbytes:
                 raise InputError(f"{self.path}: tensor {name!r}: short read (file truncated?)")
         return out
 
     def close(self) -> None:
         self._fh.close()
+
+
+def _prod(dims: Iterable[int]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
 
 
 def _read_into(fh: object, view: memoryview, offset: int) -> int:
@@ -175,8 +188,8 @@ class SafetensorsReader:
     def read(self, name: str) -> torch.Tensor:
         return self._where[name].read(name)
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._where[name].read_rows(name, start, stop)
+    def read_rows(self, name: str, start: int, stop: int, axis: int = 0) -> torch.Tensor:
+        return self._where[name].read_rows(name, start, stop, axis)
 
     def files(self) -> list[Path]:
         return [f.path for f in self._files.values()]
@@ -216,8 +229,8 @@ class TorchBinReader:
     def read(self, name: str) -> torch.Tensor:
         return self._tensors[name].clone()
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._tensors[name][start:stop].clone()
+    def read_rows(self, name: str, start: int, stop: int, axis: int = 0) -> torch.Tensor:
+        return self._tensors[name].narrow(axis, start, stop - start).clone()
 
     def files(self) -> list[Path]:
         return list(self._paths)
@@ -296,8 +309,9 @@ class StateDictReader:
         # a copy: results must never share storage with the caller's tensors
         return self._sd[name].detach().to("cpu", copy=True)
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._sd[name].detach()[start:stop].to("cpu", copy=True)
+    def read_rows(self, name: str, start: int, stop: int, axis: int = 0) -> torch.Tensor:
+        t = self._sd[name].detach().narrow(axis, start, stop - start)
+        return t.to("cpu", copy=True).contiguous()
 
     def files(self) -> list[Path]:
         return []

@@ -84,32 +84,55 @@ class ShardedSafetensorsWriter:
         self._pos = 0
         self._rows_done = 0  # of the tensor at _pos, when it arrives in row blocks
         self._shard = -1
+        self._tensor_start = 0  # file offset of the tensor being written in blocks
         self._fh: object | None = None
         self.total_size = sum(meta.nbytes for _, _, meta in self._order)
 
-    def write(self, name: str, tensor: torch.Tensor, row_start: int | None = None) -> None:
-        """Append a tensor, or (``row_start`` given) the next row block of one, in plan order."""
+    def write(self, name: str, tensor: torch.Tensor, row_start: int | None = None,
+              axis: int = 0) -> None:
+        """Append a tensor, or (``row_start`` given) the next block of one along ``axis`` (rows:
+        axis 0), in plan order. A block along a later axis (a column block of a Conv1D weight)
+        is written with one positioned write per index of the axes before it."""
         if self._pos >= len(self._order):
             raise RuntimeError(f"unplanned tensor {name!r} written")
         shard, expected, meta = self._order[self._pos]
         shape = tuple(tensor.shape)
         if row_start is None:
             ok = shape == meta.shape and self._rows_done == 0
-            rows = meta.shape[0] if meta.shape else 1
+            rows = meta.shape[axis] if meta.shape else 1
         else:
-            ok = (row_start == self._rows_done and len(shape) == len(meta.shape) >= 1
-                  and shape[1:] == meta.shape[1:] and row_start + shape[0] <= meta.shape[0])
-            rows = shape[0]
+            ok = (row_start == self._rows_done and len(shape) == len(meta.shape) > axis
+                  and shape[:axis] == meta.shape[:axis]
+                  and shape[axis + 1:] == meta.shape[axis + 1:]
+                  and row_start + shape[axis] <= meta.shape[axis])
+            rows = shape[axis] if ok else 0
         if name != expected or not ok or tensor.dtype != meta.dtype:
-            raise RuntimeError(f"writer expected {expected} {meta.shape} {meta.dtype} (rows from "
-                               f"{self._rows_done}), got {name} {shape} {tensor.dtype} (rows "
-                               f"from {row_start})")
+            raise RuntimeError(f"writer expected {expected} {meta.shape} {meta.dtype} (axis "
+                               f"{axis} from {self._rows_done}), got {name} {shape} "
+                               f"{tensor.dtype} (from {row_start})")
         if shard != self._shard:
             self._open(shard)
+        fh = self._fh
+        assert fh is not None
+        if self._rows_done == 0:
+            self._tensor_start = fh.tell()  # type: ignore[attr-defined]
+        outer = 1
+        for d in meta.shape[:axis]:
+            outer *= d
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._fh.write(memoryview(data))  # type: ignore[attr-defined]
+        if row_start is None or outer == 1:
+            fh.write(memoryview(data))  # type: ignore[attr-defined]
+        else:
+            data = data.reshape(outer, -1)
+            stride = meta.nbytes // outer  # bytes per index of the axes before ``axis``
+            at = self._tensor_start + row_start * (stride // meta.shape[axis])
+            for o in range(outer):
+                fh.seek(at + o * stride)  # type: ignore[attr-defined]
+                fh.write(memoryview(data[o]))  # type: ignore[attr-defined]
         self._rows_done += rows
-        if row_start is None or self._rows_done == meta.shape[0]:
+        if row_start is None or self._rows_done == meta.shape[axis]:
+            if row_start is not None and outer > 1:
+                fh.seek(self._tensor_start + meta.nbytes)  # type: ignore[attr-defined]
             self._pos += 1
             self._rows_done = 0
 
