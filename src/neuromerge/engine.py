@@ -31,6 +31,7 @@ from neuromerge.io.reader import CheckpointReader, StateDictReader, TensorMeta
 from neuromerge.kernels import derive_seed, each_task_vector, keep_count, kth_largest
 from neuromerge.registry import (
     MergeMethod,
+    StatisticsKind,
     SumCollector,
     SumsCollected,
     TensorContext,
@@ -294,6 +295,63 @@ class _Inputs:
             yield t, mags if mags.dtype == torch.float32 else mags.to(torch.float32)
 
 
+class _Statistics:
+    """Each expert's per-tensor data statistic (methods declared with ``needs``), checked
+    against the plan before any work and read one tensor at a time alongside the weights.
+
+    A Fisher has the shape of its tensor and is read in the same row blocks; a RegMean Gram of
+    a 2-D ``(out, in)`` weight is ``(in, in)`` and is read whole for every block (each output
+    row is solved with the whole Gram)."""
+
+    def __init__(self, kind: StatisticsKind, readers: Sequence[CheckpointReader],
+                 plan: Sequence[TensorPlan], method: str, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.kind, self.readers, self.device, self.dtype = kind, readers, device, dtype
+        self.present: set[str] = set()
+        names = [set(r.names()) for r in readers]
+        for p in plan:
+            if p.kind == "copy":
+                continue
+            have = [r for r, ns in zip(readers, names, strict=True) if p.name in ns]
+            if not have:
+                if kind == "fisher":
+                    raise InputError(f"{readers[0].source}: no Fisher statistic for tensor "
+                                     f"{p.name!r} ({method} weights every merged tensor; "
+                                     f"exclude it with tensor_class: copy)")
+                continue  # RegMean: a tensor without a Gram is averaged
+            if len(have) < len(readers):
+                lacking = next(r for r, ns in zip(readers, names, strict=True)
+                               if p.name not in ns)
+                raise InputError(f"{lacking.source}: no {kind} statistic for tensor {p.name!r}, "
+                                 f"which other models' statistics have")
+            want = p.meta.shape if kind == "fisher" else self._gram_shape(p)
+            for r in readers:
+                got = r.meta(p.name).shape
+                if got != want:
+                    raise InputError(f"{r.source}: {kind} statistic {p.name!r} has shape "
+                                     f"{list(got)}, expected {list(want or ())} for the tensor "
+                                     f"of shape {list(p.meta.shape)}")
+            self.present.add(p.name)
+
+    @staticmethod
+    def _gram_shape(p: TensorPlan) -> tuple[int, ...] | None:
+        return (p.meta.shape[1], p.meta.shape[1]) if len(p.meta.shape) == 2 else None
+
+    def read(self, unit: Unit) -> tuple[torch.Tensor, ...] | None:
+        name = unit.plan.name
+        if name not in self.present:
+            return None
+        out = []
+        for r in self.readers:
+            whole = unit.rows is None or self.kind == "regmean"
+            t = r.read(name) if whole else r.read_rows(name, *unit.rows)  # type: ignore[misc]
+            if not all_finite(t) or (self.kind == "fisher" and bool((t < 0).any())):
+                raise InputError(f"{r.source}: {self.kind} statistic {name!r} is not finite"
+                                 + (" and non-negative" if self.kind == "fisher" else ""))
+            out.append(t.to(self.device).to(self.dtype))
+        return tuple(out)
+
+
 def compute_trim_stats(units: Sequence[Unit], inputs: _Inputs, *, density: float,
                        scope: str, progress: bool = False,
                        block_thresholds: dict[str, tuple[float, ...]] | None = None
@@ -406,8 +464,12 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
         tensor_class: Mapping[str, Kind] | None = None, missing_tensors: str = "error",
         dtype: str | torch.dtype = "float32", out_dtype: str | torch.dtype | None = None,
         device: str | torch.device = "cpu", progress: bool = True,
-        memory_limit: int | None = None, read_ahead: bool = True) -> MergeResult:
+        memory_limit: int | None = None, read_ahead: bool = True,
+        statistics: Sequence[CheckpointReader] | None = None) -> MergeResult:
     """Merge ``experts`` into ``base`` with ``method`` (``params`` already validated).
+
+    ``statistics``: one reader per expert of the data statistics a method declared with
+    ``needs`` reads (``neuromerge.statistics``), tensor names as in the checkpoints.
 
     ``model_keys`` name the experts in logs and results and identify them for per-model
     random streams (DARE), so the order of the experts does not matter. ``memory_limit`` (bytes,
@@ -421,8 +483,15 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
     odtype = NAME_TO_TORCH[out_dtype] if isinstance(out_dtype, str) else out_dtype
     plan = build_plan(base, experts, tensor_class=tensor_class, missing_tensors=missing_tensors,
                       out_dtype=odtype)
+    if method.needs is not None and statistics is None:
+        raise ConfigError(f"{method.name} needs per-model {method.needs} statistics "
+                          f"(models[i].statistics; see `neuromerge statistics --help`)")
+    if statistics is not None and len(statistics) != len(experts):
+        raise ConfigError(f"{len(statistics)} statistics files for {len(experts)} models")
     budget = memory_budget(memory_limit)
-    units = plan_units(plan, base, experts, budget, cdtype)
+    # a Fisher adds one value per entry and model, as stored and in the compute dtype
+    stat_bytes = (len(experts) * (4 + cdtype.itemsize) if method.needs == "fisher" else 0)
+    units = plan_units(plan, base, experts, budget, cdtype, extra_per_entry=stat_bytes)
     blocked = {name: len(g) for name, g in _by_tensor(units) if g[0].rows is not None}
     if blocked and not method.row_local:
         name = next(iter(blocked))
@@ -434,6 +503,8 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                  len(blocked), "" if len(blocked) == 1 else "s", _gb(budget),
                  ", ".join(f"{n} ({k} blocks)" for n, k in list(blocked.items())[:3]))
     inputs = _Inputs(base, experts, dev, cdtype, read_ahead=read_ahead)
+    data_stats = (None if method.needs is None or statistics is None else
+                  _Statistics(method.needs, statistics, plan, method.name, dev, cdtype))
     stats = None
     seconds: dict[str, float] = {}
     block_thresholds: dict[str, tuple[float, ...]] = {}
@@ -451,7 +522,9 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
     def merge_unit(u: Unit, b: torch.Tensor, exs: list[torch.Tensor],
                    **ctx_fields: Any) -> torch.Tensor:
         ctx = TensorContext(name=u.plan.name, kind=u.plan.kind, model_seeds=seeds,  # type: ignore[arg-type]
-                            row_offset=u.rows[0] if u.rows else 0, **ctx_fields)
+                            row_offset=u.rows[0] if u.rows else 0,
+                            statistics=data_stats.read(u) if data_stats else None,
+                            **ctx_fields)
         return method.merge_tensor(inputs.to_compute(b), [e.to(dev) for e in exs], ctx,
                                    resolved)
 
@@ -556,8 +629,9 @@ def memory_budget(limit: int | None) -> int:
 
 def plan_units(plan: Sequence[TensorPlan], base: CheckpointReader,
                experts: Sequence[CheckpointReader], budget: int,
-               cdtype: torch.dtype) -> list[Unit]:
-    """Each tensor whole, or in row blocks where its working set exceeds ``budget``."""
+               cdtype: torch.dtype, extra_per_entry: int = 0) -> list[Unit]:
+    """Each tensor whole, or in row blocks where its working set exceeds ``budget``
+    (``extra_per_entry``: bytes per entry a method's statistics add to merged tensors)."""
     units = []
     for p in plan:
         if p.kind == "copy":
@@ -566,7 +640,7 @@ def plan_units(plan: Sequence[TensorPlan], base: CheckpointReader,
             itemsize = max([p.meta.dtype.itemsize] +
                            [ex.meta(p.name).dtype.itemsize for ex in experts])
             n_exp = len(experts)
-        per_entry = bytes_per_entry(n_exp, itemsize, cdtype)
+        per_entry = bytes_per_entry(n_exp, itemsize, cdtype) + (extra_per_entry if n_exp else 0)
         units.extend(Unit(p, rows) for rows in split_rows(p.meta, max(1, budget // per_entry)))
     return units
 
@@ -613,10 +687,13 @@ def merge_state_dicts(
     dtype: str = "float32", out_dtype: str | None = None, device: str = "cpu",
     progress: bool = False, per_model: Sequence[Mapping[str, Any]] | None = None,
     memory_limit: int | None = None,
+    statistics: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> MergeResult:
     """Merge in-memory state dicts with the same engine as ``neuromerge merge`` (global trim and
     ``lambda2: auto`` included). ``experts`` may be a list or a {name: state_dict} mapping (the
-    names identify models for per-model seeds). The merged tensors are in ``.state_dict``."""
+    names identify models for per-model seeds). ``statistics``: per expert (same order), the
+    {tensor name: statistic} a method declared with ``needs`` reads (Fisher, RegMean Grams).
+    The merged tensors are in ``.state_dict``."""
     m = method if isinstance(method, MergeMethod) else get_method(method)
     full = m.validate(params)
     if isinstance(experts, Mapping):
@@ -625,6 +702,8 @@ def merge_state_dicts(
         keys, sds = [str(i) for i in range(len(experts))], list(experts)
     if not sds:
         raise ConfigError("no expert models to merge")
+    if statistics is not None and len(statistics) != len(sds):
+        raise ConfigError(f"{len(statistics)} statistics for {len(sds)} models")
     sinks: list[DictSink] = []
 
     def sink_factory(plan: list[TensorPlan]) -> DictSink:
@@ -636,6 +715,9 @@ def merge_state_dicts(
                  m, full, sink_factory, model_keys=keys, per_model=per_model,
                  tensor_class=tensor_class, missing_tensors=missing_tensors, dtype=dtype,
                  out_dtype=out_dtype, device=device, progress=progress,
-                 memory_limit=memory_limit)
+                 memory_limit=memory_limit,
+                 statistics=None if statistics is None else
+                 [StateDictReader(sd, f"statistics of {k}") for k, sd in
+                  zip(keys, statistics, strict=True)])
     result.state_dict = sinks[0].state_dict
     return result
