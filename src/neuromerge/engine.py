@@ -325,11 +325,15 @@ class _Statistics:
                 raise InputError(f"{lacking.source}: no {kind} statistic for tensor {p.name!r}, "
                                  f"which other models' statistics have")
             want = p.meta.shape if kind == "fisher" else self._gram_shape(p)
+            if want is None:
+                raise InputError(f"{readers[0].source}: regmean statistic for {p.name!r}, a "
+                                 f"{len(p.meta.shape)}-D tensor: Grams are for 2-D (out, in) "
+                                 f"linear weights")
             for r in readers:
                 got = r.meta(p.name).shape
                 if got != want:
                     raise InputError(f"{r.source}: {kind} statistic {p.name!r} has shape "
-                                     f"{list(got)}, expected {list(want or ())} for the tensor "
+                                     f"{list(got)}, expected {list(want)} for the tensor "
                                      f"of shape {list(p.meta.shape)}")
             self.present.add(p.name)
 
