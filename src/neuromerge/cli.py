@@ -390,6 +390,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
                             "description": p.description} for p in m.params],
             "per_model_parameters": list(m.per_model_params),
             "row_local": m.row_local,
+            "needs_statistics": m.needs,
         } for m in methods], indent=2))
     elif args.format == "markdown":
         print(methods_markdown(methods))
@@ -405,6 +406,9 @@ def _cmd_methods(args: argparse.Namespace) -> int:
                 print(f"    per-model: {', '.join(m.per_model_params)}")
             if not m.row_local:
                 print("    whole tensors only (not row-local)")
+            if m.needs:
+                print(f"    needs per-model {m.needs} statistics (models[i].statistics; "
+                      f"`neuromerge statistics {m.needs}`)")
             print()
     return 0
 
@@ -430,6 +434,9 @@ def methods_markdown(methods: Sequence[Any]) -> str:
         if not m.row_local:
             lines += ["", "Merges whole tensors (not row-local): a tensor larger than the "
                           "memory budget is refused rather than merged in row blocks."]
+        if m.needs:
+            lines += ["", f"Needs each model's {m.needs} statistics: `models[i].statistics`, a "
+                          f"file from `neuromerge statistics {m.needs}` (see the README)."]
         lines.append("")
     return "\n".join(lines)
 

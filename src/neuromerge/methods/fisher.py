@@ -20,7 +20,7 @@ def fisher(
     fisher_floor: Annotated[float, Field(
         ge=0, description="ε added to every Fisher value: entries no model's data informs "
                           "(F = 0 everywhere) get the plain average, and tiny values cannot "
-                          "divide by zero (1e-6: the authors' code and FusionBench)")] = 1e-6,
+                          "divide by zero (1e-6, as in MergeLM and FusionBench)")] = 1e-6,
     scale: Annotated[float, Field(
         description="λ, the scale of the merged task vector (1: the paper's merge)")] = 1.0,
     ctx: TensorContext = TensorContext(),
