@@ -29,6 +29,7 @@ from neuromerge.io.reader import open_checkpoint
 METHODS = ["average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "neuromerging",
            "dare_neuromerging", "pcb", "breadcrumbs", "consensus_ta", "consensus_ties", "tsv_m",
            "iso_c", "iso_cts"]
+DATA_METHODS = ["fisher", "regmean"]  # need per-model statistics: tests/test_statistics.py
 SUPPORT = ["config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
 OUTPUT_FILES = sorted(["README.md", "model.safetensors", "neuromerge_config.yaml",
                        "neuromerge_result.json", *SUPPORT])
@@ -988,7 +989,10 @@ def test_methods_json(run_cli: Callable[..., tuple[int, str, str]]) -> None:
     code, stdout, _ = run_cli("methods", "--format", "json")
     assert code == 0
     data = {m["name"]: m for m in json.loads(stdout)}
-    assert sorted(data) == sorted(METHODS)
+    assert sorted(data) == sorted(METHODS + DATA_METHODS)
+    assert data["fisher"]["needs_statistics"] == "fisher"
+    assert data["regmean"]["needs_statistics"] == "regmean"
+    assert data["ties"]["needs_statistics"] is None
     params = {name: {p["name"]: p for p in m["parameters"]} for name, m in data.items()}
     assert params["average"] == {}
     assert params["ties"]["density"]["default"] == 0.2
@@ -1010,6 +1014,7 @@ def test_methods_text_and_markdown(run_cli: Callable[..., tuple[int, str, str]])
     assert "    density: float = 0.2" in text
     assert "    per-model: seed" in text
     assert "    whole tensors only (not row-local)" in text
+    assert "    needs per-model regmean statistics (models[i].statistics" in text
     code, md, _ = run_cli("methods", "--format", "markdown")
     assert code == 0
     assert md.startswith("# Merge methods")

@@ -11,6 +11,7 @@ from neuromerge.engine import build_plan, compute_dtype, resolve_device
 from neuromerge.errors import ConfigError, InputError
 from neuromerge.io.reader import StateDictReader
 from neuromerge.registry import all_methods
+from tests.helpers import toy_statistics
 
 
 def family(dtype: torch.dtype = torch.float32) -> tuple[dict, list[dict]]:
@@ -183,8 +184,9 @@ def test_device_resolution() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_matches_cpu(method: str, dtype: torch.dtype) -> None:
     base, experts = family(dtype)
-    cpu = merge_state_dicts(base, experts, method, device="cpu").state_dict
-    gpu = merge_state_dicts(base, experts, method, device="cuda").state_dict
+    stats = toy_statistics(method, experts)
+    cpu = merge_state_dicts(base, experts, method, device="cpu", statistics=stats).state_dict
+    gpu = merge_state_dicts(base, experts, method, device="cuda", statistics=stats).state_dict
     for k in base:
         assert gpu[k].device.type == "cpu" and gpu[k].dtype == cpu[k].dtype
         tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}

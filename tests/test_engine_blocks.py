@@ -16,6 +16,7 @@ from neuromerge.errors import ConfigError
 from neuromerge.io.reader import TensorMeta, open_checkpoint
 from neuromerge.kernels import RNG_CHUNK, uniform_stream
 from neuromerge.registry import get_method
+from tests.helpers import toy_statistics
 
 # Every method and the settings whose whole-tensor dependencies differ: a per-tensor trim
 # threshold, the tie-break sums (trimmed τ, c, orthogonal parts), DARE's random stream.
@@ -38,6 +39,10 @@ CASES = [
     ("consensus_ta", {"tall_lambda": 0.3}),
     ("consensus_ties", {"trim_scope": "tensor", "density": 0.5}),
     ("consensus_ties", {"trim_scope": "global", "aggregate": "mean", "k": 1}),
+    ("fisher", {}),
+    ("fisher", {"fisher_floor": 0.0, "scale": 0.5}),
+    ("regmean", {}),
+    ("regmean", {"offdiag_scale": 1.0}),
 ]
 
 #: Methods whose merged rows depend on other rows (per-tensor order statistics, an SVD).
@@ -74,7 +79,8 @@ def merged(method: str, params: dict, base: dict, experts: list[dict], *,
         per = engine.bytes_per_entry(len(experts), 4, torch.float32)
         monkeypatch.setattr(engine, "memory_budget", lambda limit: per * max_entries)
     keyed = {f"m{i}": e for i, e in enumerate(experts)}
-    return merge_state_dicts(base, keyed, method, params)
+    return merge_state_dicts(base, keyed, method, params,
+                             statistics=toy_statistics(method, experts))
 
 
 @pytest.mark.parametrize(("method", "params"), CASES, ids=lambda v: str(v))

@@ -179,6 +179,44 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", default=None, metavar="S1,S2", help="override the profile's seeds")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines")
 
+    st = sub.add_parser(
+        "statistics", help="compute a model's data statistics for fisher or regmean merging",
+        description="Compute the per-model data statistics that fisher and regmean merges read "
+                    "(models[i].statistics in a config), for an HF sequence-classification or "
+                    "causal-LM folder on a JSON-lines file of its task's examples. fisher: the "
+                    "diagonal Fisher, mean over examples of squared per-example gradients of "
+                    "log p(y|x); regmean: each linear layer's input Gram matrix XᵀX / n. Tensor "
+                    "names are the checkpoint's.",
+        epilog="data: one JSON object per line, {\"text\": \"...\", \"label\": 2} (label: "
+               "the class index, needed only by --fisher-type empirical)\nexample:\n"
+               "  neuromerge statistics fisher ./expert-a --data a.jsonl --out a.fisher."
+               "safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    st.add_argument("kind", choices=("fisher", "regmean"), help="which statistic")
+    st.add_argument("model", metavar="MODEL_DIR", help="the expert's HF model folder")
+    st.add_argument("--data", required=True, metavar="FILE.jsonl",
+                    help="the expert's task examples (JSON lines)")
+    st.add_argument("--out", required=True, metavar="FILE",
+                    help="output .safetensors file (must not exist unless --force)")
+    st.add_argument("--text-field", default="text", help="JSON key of the text (default: text)")
+    st.add_argument("--label-field", default="label",
+                    help="JSON key of the class index (default: label)")
+    st.add_argument("--max-examples", type=int, default=None, metavar="N",
+                    help="use the first N examples (default: all)")
+    st.add_argument("--batch-size", type=int, default=16, help="(default: 16)")
+    st.add_argument("--max-length", type=int, default=128,
+                    help="tokens per example (default: 128)")
+    st.add_argument("--fisher-type", choices=("expected", "sampled", "empirical"),
+                    default="expected",
+                    help="expected: exact over the classes (classification; default); sampled: "
+                         "one label drawn from the model (language models); empirical: the "
+                         "data's labels")
+    st.add_argument("--seed", type=int, default=0, help="seed of --fisher-type sampled")
+    st.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                    help="where to compute (default: cpu)")
+    st.add_argument("--force", action="store_true", help="replace an existing output file")
+    st.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+
     d = sub.add_parser(
         "demo", help="merge generated example checkpoints with every method and report",
         description="Generate a tiny random BERT and three experts fine-tuned from it by known "
@@ -207,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_bench(args)
         if args.command == "analyze":
             return _cmd_analyze(args)
+        if args.command == "statistics":
+            return _cmd_statistics(args)
         if args.command == "demo":
             from neuromerge.demo import run_demo
 
@@ -256,6 +296,30 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"merged {len(result.model_names)} models with {result.method} into "
               f"{result.output} in {result.seconds['total']:.1f} s")
+    return 0
+
+
+def _cmd_statistics(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from neuromerge.errors import ConfigError, OutputError
+    from neuromerge.statistics import compute_for_folder
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise OutputError(f"{out} exists (use --force to replace it)")
+    for flag, value in (("--max-examples", args.max_examples), ("--batch-size", args.batch_size),
+                        ("--max-length", args.max_length)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1 (got {value})")
+    stats = compute_for_folder(
+        args.kind, args.model, args.data, out, text_field=args.text_field,
+        label_field=args.label_field, max_examples=args.max_examples,
+        batch_size=args.batch_size, max_length=args.max_length, fisher_type=args.fisher_type,
+        seed=args.seed, device=args.device, progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {args.kind} statistics of {len(stats.tensors)} tensors from "
+              f"{stats.n_examples} examples to {out}")
     return 0
 
 
@@ -337,6 +401,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
                             "description": p.description} for p in m.params],
             "per_model_parameters": list(m.per_model_params),
             "row_local": m.row_local,
+            "needs_statistics": m.needs,
         } for m in methods], indent=2))
     elif args.format == "markdown":
         print(methods_markdown(methods))
@@ -352,6 +417,9 @@ def _cmd_methods(args: argparse.Namespace) -> int:
                 print(f"    per-model: {', '.join(m.per_model_params)}")
             if not m.row_local:
                 print("    whole tensors only (not row-local)")
+            if m.needs:
+                print(f"    needs per-model {m.needs} statistics (models[i].statistics; "
+                      f"`neuromerge statistics {m.needs}`)")
             print()
     return 0
 
@@ -377,6 +445,9 @@ def methods_markdown(methods: Sequence[Any]) -> str:
         if not m.row_local:
             lines += ["", "Merges whole tensors (not row-local): a tensor larger than the "
                           "memory budget is refused rather than merged in row blocks."]
+        if m.needs:
+            lines += ["", f"Needs each model's {m.needs} statistics: `models[i].statistics`, a "
+                          f"file from `neuromerge statistics {m.needs}` (see the README)."]
         lines.append("")
     return "\n".join(lines)
 

@@ -34,6 +34,9 @@ class ModelEntry(BaseModel):
     model: str = Field(description="HF model folder or .safetensors/.bin file of the expert")
     parameters: dict[str, Any] = Field(default_factory=dict,
                                        description="per-model parameters (DARE: seed)")
+    statistics: str | None = Field(
+        None, description="the model's data statistics file, for methods that need one "
+                          "(fisher, regmean; written by `neuromerge statistics`)")
 
 
 class MergeConfig(BaseModel):
@@ -93,6 +96,14 @@ class MergeConfig(BaseModel):
                     raise ConfigError(f"models[{i}].parameters: {method.name!r} takes no "
                                       f"per-model parameter {extra[0]!r} (per-model: {allowed})")
                 method.validate(dict(entry.parameters), where=f"models[{i}].parameters")
+                if method.needs and entry.statistics is None:
+                    raise ConfigError(
+                        f"models[{i}] ({entry.model}): {method.name} needs the model's "
+                        f"{method.needs} statistics: set models[{i}].statistics to a file from "
+                        f"`neuromerge statistics {method.needs}`")
+                if entry.statistics is not None and not method.needs:
+                    raise ConfigError(f"models[{i}].statistics: {method.name} uses no data "
+                                      f"statistics (only fisher and regmean do)")
         return params
 
     @contextlib.contextmanager

@@ -39,6 +39,7 @@ from neuromerge.io.reader import CheckpointReader, StateDictReader, TensorMeta
 from neuromerge.kernels import derive_seed, each_task_vector, keep_count, kth_largest
 from neuromerge.registry import (
     MergeMethod,
+    StatisticsKind,
     SumCollector,
     SumsCollected,
     TensorContext,
@@ -366,6 +367,77 @@ class _Inputs:
             yield t, mags if mags.dtype == torch.float32 else mags.to(torch.float32)
 
 
+class _Statistics:
+    """Each expert's per-tensor data statistic (methods declared with ``needs``), checked
+    against the plan before any work and read one tensor at a time alongside the weights.
+
+    A Fisher has the shape of its tensor and is read in the same row blocks; a RegMean Gram of
+    a 2-D ``(out, in)`` weight is ``(in, in)`` and is read whole for every block (each output
+    row is solved with the whole Gram)."""
+
+    def __init__(self, kind: StatisticsKind, readers: Sequence[CheckpointReader],
+                 plan: Sequence[TensorPlan], method: str, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.kind, self.readers, self.device, self.dtype = kind, readers, device, dtype
+        self.present: set[str] = set()
+        names = [set(r.names()) for r in readers]
+        for p in plan:
+            if p.kind == "copy":
+                continue
+            have = [r for r, ns in zip(readers, names, strict=True) if p.name in ns]
+            if not have:
+                if kind == "fisher":
+                    raise InputError(f"{readers[0].source}: no Fisher statistic for tensor "
+                                     f"{p.name!r} ({method} weights every merged tensor; "
+                                     f"exclude it with tensor_class: copy)")
+                continue  # RegMean: a tensor without a Gram is averaged
+            if len(have) < len(readers):
+                lacking = next(r for r, ns in zip(readers, names, strict=True)
+                               if p.name not in ns)
+                raise InputError(f"{lacking.source}: no {kind} statistic for tensor {p.name!r}, "
+                                 f"which other models' statistics have")
+            want = p.meta.shape if kind == "fisher" else self._gram_shape(p)
+            if want is None:
+                raise InputError(f"{readers[0].source}: regmean statistic for {p.name!r}, a "
+                                 f"{len(p.meta.shape)}-D tensor: Grams are for 2-D (out, in) "
+                                 f"linear weights")
+            for r in readers:
+                got = r.meta(p.name).shape
+                if got != want:
+                    raise InputError(f"{r.source}: {kind} statistic {p.name!r} has shape "
+                                     f"{list(got)}, expected {list(want)} for the tensor "
+                                     f"of shape {list(p.meta.shape)}")
+            self.present.add(p.name)
+
+    @staticmethod
+    def _gram_shape(p: TensorPlan) -> tuple[int, ...] | None:
+        if len(p.meta.shape) != 2:
+            return None
+        fan_in = p.meta.shape[1 - p.neuron_axis]  # a Conv1D (in, out) weight: in is axis 0
+        return (fan_in, fan_in)
+
+    def read(self, unit: Unit) -> tuple[torch.Tensor, ...] | None:
+        name = unit.plan.name
+        if name not in self.present:
+            return None
+        out = []
+        for r in self.readers:
+            axis = unit.plan.neuron_axis
+            if self.kind == "regmean" or unit.rows is None:
+                t = r.read(name)
+            elif axis == 0:
+                t = r.read_rows(name, *unit.rows)
+            else:
+                t = r.read_rows(name, *unit.rows, axis=axis)
+            if self.kind == "fisher":
+                t = to_neurons(t, axis)  # laid out like the weights the method receives
+            if not all_finite(t) or (self.kind == "fisher" and bool((t < 0).any())):
+                raise InputError(f"{r.source}: {self.kind} statistic {name!r} is not finite"
+                                 + (" and non-negative" if self.kind == "fisher" else ""))
+            out.append(t.to(self.device).to(self.dtype))
+        return tuple(out)
+
+
 def compute_trim_stats(units: Sequence[Unit], inputs: _Inputs, *, density: float,
                        scope: str, progress: bool = False,
                        block_thresholds: dict[str, tuple[float, ...]] | None = None
@@ -530,8 +602,12 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
         device: str | torch.device = "cpu", progress: bool = True,
         memory_limit: int | None = None, read_ahead: bool = True,
         architecture: Architecture = UNKNOWN,
-        neuron_axes: Mapping[str, int] | None = None) -> MergeResult:
+        neuron_axes: Mapping[str, int] | None = None,
+        statistics: Sequence[CheckpointReader] | None = None) -> MergeResult:
     """Merge ``experts`` into ``base`` with ``method`` (``params`` already validated).
+
+    ``statistics``: one reader per expert of the data statistics a method declared with
+    ``needs`` reads (``neuromerge.statistics``), tensor names as in the checkpoints.
 
     ``model_keys`` name the experts in logs and results and identify them for per-model
     random streams (DARE), so the order of the experts does not matter. ``memory_limit`` (bytes,
@@ -549,9 +625,17 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                       out_dtype=odtype, architecture=architecture, neuron_axes=neuron_axes,
                       omit=tied)
     _log_layout(plan, architecture, tied, neuron_axes or {})
+    if method.needs is not None and statistics is None:
+        raise ConfigError(f"{method.name} needs per-model {method.needs} statistics "
+                          f"(models[i].statistics; see `neuromerge statistics --help`)")
+    if statistics is not None and len(statistics) != len(experts):
+        raise ConfigError(f"{len(statistics)} statistics files for {len(experts)} models")
     budget = memory_budget(memory_limit)
+    # a Fisher adds one value per entry and model, as stored and in the compute dtype
+    stat_bytes = (len(experts) * (4 + cdtype.itemsize) if method.needs == "fisher" else 0)
     units, held = plan_units(plan, base, experts, budget, cdtype,
-                             COMPUTE_BLOCK_ENTRIES if method.row_local else None)
+                             COMPUTE_BLOCK_ENTRIES if method.row_local else None,
+                             extra_per_entry=stat_bytes)
     blocked = {name: len(g) for name, g in _by_tensor(units)
                if g[0].rows is not None and name not in held}
     if blocked and not method.row_local:
@@ -565,6 +649,8 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                  ", ".join(f"{n} ({k} blocks)" for n, k in list(blocked.items())[:3]))
     inputs = _Inputs(base, experts, dev, cdtype, read_ahead=read_ahead)
     inputs.held = held
+    data_stats = (None if method.needs is None or statistics is None else
+                  _Statistics(method.needs, statistics, plan, method.name, dev, cdtype))
     stats = None
     seconds: dict[str, float] = {}
     block_thresholds: dict[str, tuple[float, ...]] = {}
@@ -582,7 +668,9 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
     def merge_unit(u: Unit, b: torch.Tensor, exs: list[torch.Tensor],
                    **ctx_fields: Any) -> torch.Tensor:
         ctx = TensorContext(name=u.plan.name, kind=u.plan.kind, model_seeds=seeds,  # type: ignore[arg-type]
-                            row_offset=u.rows[0] if u.rows else 0, **ctx_fields)
+                            row_offset=u.rows[0] if u.rows else 0,
+                            statistics=data_stats.read(u) if data_stats else None,
+                            **ctx_fields)
         return method.merge_tensor(inputs.to_compute(b), [e.to(dev) for e in exs], ctx,
                                    resolved)
 
@@ -698,11 +786,12 @@ COMPUTE_BLOCK_ENTRIES = 1 << 21
 
 def plan_units(plan: Sequence[TensorPlan], base: CheckpointReader,
                experts: Sequence[CheckpointReader], budget: int,
-               cdtype: torch.dtype, compute_block: int | None = None
-               ) -> tuple[list[Unit], set[str]]:
+               cdtype: torch.dtype, compute_block: int | None = None,
+               extra_per_entry: int = 0) -> tuple[list[Unit], set[str]]:
     """Each tensor whole, or in row blocks where its working set exceeds ``budget``; with
     ``compute_block`` (row-local methods), tensors of more entries are also merged in row blocks,
-    read whole once (the returned names: held as stored while their blocks are merged)."""
+    read whole once (the returned names: held as stored while their blocks are merged).
+    ``extra_per_entry``: bytes per entry a method's statistics add to merged tensors."""
     units: list[Unit] = []
     held: set[str] = set()
     for p in plan:
@@ -712,7 +801,7 @@ def plan_units(plan: Sequence[TensorPlan], base: CheckpointReader,
             itemsize = max([p.meta.dtype.itemsize] +
                            [ex.meta(p.name).dtype.itemsize for ex in experts])
             n_exp = len(experts)
-        per_entry = bytes_per_entry(n_exp, itemsize, cdtype)
+        per_entry = bytes_per_entry(n_exp, itemsize, cdtype) + (extra_per_entry if n_exp else 0)
         rows = split_rows(p.meta, max(1, budget // per_entry), p.neuron_axis)
         # inputs as stored (this tensor's and the next one's) plus one block's working set
         stored = 2 * (n_exp + 1) * itemsize * p.meta.numel
@@ -788,13 +877,15 @@ def merge_state_dicts(
     progress: bool = False, per_model: Sequence[Mapping[str, Any]] | None = None,
     memory_limit: int | None = None, config: Mapping[str, Any] | None = None,
     neuron_axis: Mapping[str, int] | None = None,
+    statistics: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> MergeResult:
     """Merge in-memory state dicts with the same engine as ``neuromerge merge`` (global trim and
     ``lambda2: auto`` included). ``experts`` may be a list or a {name: state_dict} mapping (the
     names identify models for per-model seeds). The merged tensors are in ``.state_dict``.
     ``config`` (``model.config.to_dict()`` or a config.json's content) gives the architecture
     (GPT-2's Conv1D weights have their neurons as columns); ``neuron_axis`` maps name globs to
-    axes, as the YAML key of that name."""
+    axes, as the YAML key of that name. ``statistics``: per expert (same order), the
+    {tensor name: statistic} a method declared with ``needs`` reads (Fisher, RegMean Grams)."""
     m = method if isinstance(method, MergeMethod) else get_method(method)
     full = m.validate(params)
     if isinstance(experts, Mapping):
@@ -803,6 +894,8 @@ def merge_state_dicts(
         keys, sds = [str(i) for i in range(len(experts))], list(experts)
     if not sds:
         raise ConfigError("no expert models to merge")
+    if statistics is not None and len(statistics) != len(sds):
+        raise ConfigError(f"{len(statistics)} statistics for {len(sds)} models")
     sinks: list[DictSink] = []
 
     def sink_factory(plan: list[TensorPlan]) -> DictSink:
@@ -815,6 +908,9 @@ def merge_state_dicts(
                  tensor_class=tensor_class, missing_tensors=missing_tensors, dtype=dtype,
                  out_dtype=out_dtype, device=device, progress=progress,
                  memory_limit=memory_limit, architecture=from_config(config),
-                 neuron_axes=neuron_axis)
+                 neuron_axes=neuron_axis,
+                 statistics=None if statistics is None else
+                 [StateDictReader(sd, f"statistics of {k}") for k, sd in
+                  zip(keys, statistics, strict=True)])
     result.state_dict = sinks[0].state_dict
     return result

@@ -22,6 +22,7 @@ from neuromerge.io.dtypes import NAME_TO_TORCH, dtype_name
 from neuromerge.io.model_folder import copy_support_files
 from neuromerge.io.reader import CheckpointReader, TensorMeta, fingerprint, open_checkpoint
 from neuromerge.io.writer import OutputFolder, ShardedSafetensorsWriter, parse_size
+from neuromerge.statistics import open_statistics
 
 
 def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
@@ -48,6 +49,8 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
 
     base_path = cfg.resolve_path(cfg.base_model)
     expert_paths = [cfg.resolve_path(e.model) for e in cfg.models]
+    stat_paths = ([cfg.resolve_path(e.statistics) for e in cfg.models if e.statistics]
+                  if method.needs else [])
 
     with contextlib.ExitStack() as stack:
         base = open_checkpoint(base_path)  # headers only: cheap, and errors come early
@@ -56,7 +59,11 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
         for p in expert_paths:
             experts.append(open_checkpoint(p))
             stack.callback(experts[-1].close)
-        _refuse_overlap(out, [base_path, *expert_paths])
+        statistics = []
+        for e, p in zip(cfg.models, stat_paths, strict=False):
+            statistics.append(open_statistics(p, method.needs, model=e.model))
+            stack.callback(statistics[-1].close)
+        _refuse_overlap(out, [base_path, *expert_paths, *stat_paths])
         folder = OutputFolder(out, force=force)  # refuses an existing output before any work
         if base_path.is_file():
             log.warning("the base is a bare weights file: no config.json or tokenizer to copy, "
@@ -78,7 +85,8 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
                      tensor_class=cfg.tensor_class, missing_tensors=cfg.missing_tensors,
                      dtype=cfg.dtype, out_dtype=cfg.out_dtype, device=device,
                      progress=progress, memory_limit=limit, read_ahead=read_ahead,
-                     architecture=arch, neuron_axes=cfg.neuron_axis)
+                     architecture=arch, neuron_axes=cfg.neuron_axis,
+                     statistics=statistics or None)
         writer[0].close()
         copy_support_files(base_path, tmp, out_dtype=cfg.out_dtype)
         as_given = cfg.model_dump(exclude_defaults=False)
@@ -178,6 +186,7 @@ def _write_record(folder: Path, config: Mapping[str, Any], result: MergeResult,
         "method": result.method,
         "parameters": result.params,
         "models": result.model_names,
+        "statistics": [e.get("statistics") for e in config.get("models", [])],
         "trim": None if stats is None else {
             "scope": stats.scope, "density": stats.density, "n_entries": stats.n_entries,
             "k": stats.k, "thresholds": stats.thresholds, "sigma": stats.sigma,

@@ -18,6 +18,10 @@ from neuromerge.errors import ConfigError
 
 TensorKind = Literal["neuronal", "point"]
 
+#: Per-model data statistics a method may need (``@merge_method(needs=...)``): a diagonal Fisher
+#: (same shape as each tensor) or RegMean's Gram matrices of linear layers' inputs ((in, in)).
+StatisticsKind = Literal["fisher", "regmean"]
+
 #: The arguments every method receives that are not user parameters.
 _RESERVED = ("base", "tensors", "ctx")
 
@@ -29,7 +33,9 @@ class TensorContext:
     ``thresholds`` are the per-task magnitude thresholds of a model-wide (global) trim, or of this
     tensor's own trim when it is merged in row blocks; ``None`` means "trim this tensor on its
     own". ``model_seeds`` seed per-model randomness (DARE) so the result does not depend on the
-    order in which the models are listed.
+    order in which the models are listed. ``statistics`` holds, for a method declared with
+    ``needs``, each model's statistic for this tensor (the rows at hand of a Fisher; a whole
+    Gram matrix), in the compute dtype, or ``None`` where the tensor has none.
 
     A tensor too large for the memory budget is merged in row blocks (every built-in method is
     row-local): ``row_offset`` is the block's first row, and ``sums`` holds the whole tensor's
@@ -44,6 +50,7 @@ class TensorContext:
     row_offset: int = 0
     sums: Mapping[str, float] | None = None
     collect: SumCollector | None = None
+    statistics: tuple[torch.Tensor, ...] | None = None
 
     def resolved_kind(self, base: torch.Tensor) -> TensorKind:
         if self.kind is not None:
@@ -137,6 +144,7 @@ class MergeMethod:
     resolve: Callable[[dict[str, Any], TrimStats | None], dict[str, Any]] | None = None
     needs_stats: Callable[[dict[str, Any]], bool] | None = None
     row_local: bool = True
+    needs: StatisticsKind | None = None
     _model: type[BaseModel] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -181,9 +189,12 @@ class MergeMethod:
         return self.fn(base, list(tensors), ctx=ctx, **params)
 
     def __call__(self, base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
-                 ctx: TensorContext | None = None, **params: Any) -> torch.Tensor:
+                 ctx: TensorContext | None = None,
+                 statistics: Sequence[torch.Tensor] | None = None,
+                 **params: Any) -> torch.Tensor:
         """Merge one tensor. Without ``ctx`` this is the engine run on a one-tensor model, so a
-        global trim and ``lambda2: auto`` are taken over this tensor alone."""
+        global trim and ``lambda2: auto`` are taken over this tensor alone; ``statistics`` are
+        then each model's statistic for the tensor (methods declared with ``needs``)."""
         if ctx is not None:
             full = self.validate(params)
             if any(v == "auto" for v in full.values()):
@@ -192,9 +203,10 @@ class MergeMethod:
             return self.fn(base, list(tensors), ctx=ctx, **self.resolved(full, None))
         from neuromerge.engine import merge_state_dicts
 
+        stats = None if statistics is None else [{"tensor": s} for s in statistics]
         out = merge_state_dicts(
-            {"tensor": base}, [{"tensor": t} for t in tensors], self.name, params, progress=False
-        )
+            {"tensor": base}, [{"tensor": t} for t in tensors], self.name, params, progress=False,
+            statistics=stats)
         return out.state_dict["tensor"]
 
 
@@ -211,6 +223,7 @@ def merge_method(
     resolve: Callable[[dict[str, Any], TrimStats | None], dict[str, Any]] | None = None,
     needs_stats: Callable[[dict[str, Any]], bool] | None = None,
     row_local: bool = True,
+    needs: StatisticsKind | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], MergeMethod]:
     """Register ``fn(base, tensors, *, <params>, ctx)`` as a merge method called ``name``.
 
@@ -219,6 +232,8 @@ def merge_method(
     ``trims=True`` declares that the method uses the shared trim (``density``, ``trim_scope``).
     ``row_local=False`` declares that a tensor's merged rows depend on more than the same rows of
     the inputs (and :meth:`TensorContext.tensor_sum`), so it cannot be merged in row blocks.
+    ``needs`` declares per-model data statistics (``models[i].statistics`` in a config), which
+    the engine streams with the weights into :attr:`TensorContext.statistics`.
     """
 
     def register(fn: Callable[..., torch.Tensor]) -> MergeMethod:
@@ -238,7 +253,7 @@ def merge_method(
             summary=doc.split("\n\n")[0].replace("\n", " ").strip(), doc=doc,
             params=specs, trims=trims, needs_base=needs_base,
             per_model_params=tuple(per_model_params), resolve=resolve, needs_stats=needs_stats,
-            row_local=row_local, _model=model,
+            row_local=row_local, needs=needs, _model=model,
         )
         _REGISTRY[name] = method
         return method

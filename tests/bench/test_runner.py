@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch.testing import assert_close
 
 from neuromerge import merge_state_dicts
@@ -90,6 +91,14 @@ def test_benchmark_end_to_end_and_resume(tiny_base: Path, tmp_path: Path) -> Non
     assert default_nm["params"]["lambda1"] == 0.0 and default_nm["params"]["lambda2"] > 1.0
     cfg = tmp_path / "out" / "configs" / "seed0" / "neuromerging.yaml"
     assert "merge_method: neuromerging" in cfg.read_text()
+    # fisher / regmean: statistics computed once per expert from its training split, cached
+    # next to it, and named in the configs the default merges ran from
+    stat_files = sorted((tmp_path / "cache" / "experts").glob("*/statistics/*.safetensors"))
+    assert len(stat_files) == 4  # 2 experts × (fisher, regmean)
+    fisher_cfg = yaml.safe_load((tmp_path / "out" / "configs" / "seed0" / "fisher.yaml")
+                                .read_text())
+    assert all(Path(m["statistics"]).is_file() for m in fisher_cfg["models"])
+    mtimes = [f.stat().st_mtime_ns for f in stat_files]
     for f in ("report.md", "results.csv", "summary.json", "accuracy_default.png",
               "accuracy_tuned.png", "neuromerging_lambda_heatmap.png"):
         assert (tmp_path / "out" / f).exists(), f
@@ -98,10 +107,25 @@ def test_benchmark_end_to_end_and_resume(tiny_base: Path, tmp_path: Path) -> Non
     again = run_benchmark(PROFILE, tmp_path / "out", **kwargs)
     assert (tmp_path / "out" / "results.jsonl").read_text() == before  # nothing recomputed
     assert "fine-tuning" not in again["meta"]["seconds"]
+    assert "statistics" not in again["meta"]["seconds"]
+    assert [f.stat().st_mtime_ns for f in stat_files] == mtimes
     assert again["summary"]["default/ties"]["average"] == s["default/ties"]["average"]
 
 
-def test_linear_components_recombine_exactly(tiny_base: Path, tmp_path: Path) -> None:
+SWEPT = [("neuromerging", {"density": 0.2}, {"lambda1": 0.5, "lambda2": 1.5}),
+         ("dare_neuromerging", {}, {"lambda1": 1.0, "lambda2": 2.0}),
+         ("pcb", {"ratio": 0.2}, {"scale": 1.5}),
+         ("breadcrumbs", {}, {"scale": 0.7}),
+         ("consensus_ta", {"tall_lambda": 0.2}, {"scale": 0.5}),
+         ("consensus_ties", {}, {"scale": 1.5}),
+         ("tsv_m", {}, {"alpha": 1.5}),
+         ("iso_c", {}, {"alpha": 2.0}),
+         ("iso_cts", {}, {"alpha": 0.5})]
+
+
+@pytest.mark.parametrize(("method", "fixed", "coeffs"), SWEPT, ids=[m for m, _, _ in SWEPT])
+def test_linear_components_recombine_exactly(tiny_base: Path, tmp_path: Path, method: str,
+                                             fixed: dict, coeffs: dict) -> None:
     """Sweeping λ by recombining unit merges equals merging with those λ directly."""
     from safetensors.torch import save_file
 
@@ -117,14 +141,15 @@ def test_linear_components_recombine_exactly(tiny_base: Path, tmp_path: Path) ->
         save_file(expert_update(base_sd, i + 1), str(folder / "model.safetensors"))
         experts[task] = folder.parent
     bench = Bench(PROFILE, tmp_path / "o", tmp_path / "c", tiny_base, synthetic, splits,
-                  ["neuromerging"], progress=False)
+                  [method], progress=False)
     (tmp_path / "o").mkdir()
-    theta0, comps = bench.components("neuromerging", {"density": 0.2}, experts)
-    combined = _combine(theta0, comps, {"lambda1": 0.5, "lambda2": 1.5})
+    assert set(coeffs) == set(SWEEPS[method]["linear"])
+    theta0, comps = bench.components(method, fixed, experts)
+    combined = _combine(theta0, comps, coeffs)
     direct = merge_state_dicts(
         base_sd, {str(experts[t] / "body"): expert_update(base_sd, i + 1)
-                  for i, t in enumerate(("alpha", "beta"))}, "neuromerging",
-        {"density": 0.2, "lambda1": 0.5, "lambda2": 1.5}).state_dict
+                  for i, t in enumerate(("alpha", "beta"))}, method,
+        {**fixed, **coeffs}).state_dict
     for k, v in direct.items():
         if v.is_floating_point():
             assert_close(combined[k], v, rtol=1e-5, atol=1e-6)

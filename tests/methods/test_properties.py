@@ -9,8 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from neuromerge import merge_state_dicts
+from neuromerge import merge_state_dicts as _merge_state_dicts
 from neuromerge.registry import all_methods
+from tests.helpers import toy_statistics
 
 METHODS = [m.name for m in all_methods()]
 
@@ -32,6 +33,12 @@ def model_family(draw: st.DrawFn) -> tuple[dict, list[dict]]:
         experts.append({k: v + scale * torch.randn(v.shape, generator=gen)
                         for k, v in base.items()})
     return base, experts
+
+
+def merge_state_dicts(base: dict, experts, method: str, params: dict | None = None, **kw):
+    listed = list(experts.values()) if isinstance(experts, dict) else experts
+    return _merge_state_dicts(base, experts, method, params,
+                              statistics=toy_statistics(method, listed), **kw)
 
 
 def params_for(method: str) -> dict:

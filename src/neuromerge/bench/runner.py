@@ -32,7 +32,14 @@ from tqdm.auto import tqdm
 
 from neuromerge import __version__
 from neuromerge.bench.evaluate import accuracy, load_body, pooled_features
-from neuromerge.bench.train import TextDataset, TrainConfig, finetune, linear_probe, load_head
+from neuromerge.bench.train import (
+    TextDataset,
+    TrainConfig,
+    expert_classifier,
+    finetune,
+    linear_probe,
+    load_head,
+)
 from neuromerge.engine import DictSink, run
 from neuromerge.io.reader import fingerprint, open_checkpoint
 from neuromerge.pipeline import merge
@@ -54,7 +61,28 @@ SWEEPS: dict[str, dict[str, Any]] = {
                   "linear": {"scale": [0.5, 1.0, 1.5]}},
     "neuromerging": {"grid": [{"density": d} for d in (0.1, 0.2)],
                      "linear": {"lambda1": [0.0, 1.0], "lambda2": [1.0, 1.5, 2.0, 3.0]}},
+    # every method below is θ0 + (its scale) · D with D independent of the scale, checked in
+    # each method's code (tests/bench/test_runner.py recombines them against direct merges)
+    "dare_neuromerging": {"grid": [{}],
+                          "linear": {"lambda1": [0.0, 1.0], "lambda2": [1.0, 2.0, 3.0]}},
+    "pcb": {"grid": [{"ratio": r} for r in (0.1, 0.2)], "linear": {"scale": [0.5, 1.0, 1.5]}},
+    "breadcrumbs": {"grid": [{}], "linear": {"scale": [0.3, 0.5, 0.7, 1.0]}},
+    "consensus_ta": {"grid": [{"tall_lambda": v} for v in (0.2, 0.4)],
+                     "linear": {"scale": [0.3, 0.5, 1.0]}},
+    "consensus_ties": {"grid": [{}], "linear": {"scale": [0.3, 0.5, 1.0, 1.5]}},
+    "tsv_m": {"grid": [{}], "linear": {"alpha": [0.5, 1.0, 1.5, 2.0]}},
+    "iso_c": {"grid": [{}], "linear": {"alpha": [0.5, 1.0, 1.5, 2.0]}},
+    "iso_cts": {"grid": [{}], "linear": {"alpha": [0.5, 1.0, 1.5, 2.0]}},
+    # fisher and regmean average the experts (like `average`): scales above 1 are the
+    # task-arithmetic-like extrapolations worth trying
+    "fisher": {"grid": [{}], "linear": {"scale": [1.0, 1.5, 2.0, 3.0]}},
+    "regmean": {"grid": [{"offdiag_scale": a} for a in (0.5, 0.9)],
+                "linear": {"scale": [1.0, 1.5, 2.0]}},
 }
+
+#: The two-component methods: λ1 scales the parallel part, λ2 (and λ_point) the orthogonal one.
+_NEURO_UNITS = {"lambda1": {"lambda1": 1.0, "lambda2": 0.0, "lambda_point": 0.0},
+                "lambda2": {"lambda1": 0.0, "lambda2": 1.0, "lambda_point": 1.0}}
 
 
 @dataclass(frozen=True)
@@ -69,6 +97,7 @@ class Profile:
     tune: bool
     eval_batch: int = 64
     methods: tuple[str, ...] | None = None  # None: every registered method
+    n_stats: int = 256  # training examples per expert for fisher / regmean statistics
 
 
 DEFAULT_TASKS = ("sentiment", "news_outlet", "health_account", "hedge", "food_review",
@@ -171,6 +200,48 @@ class Bench:
                  rec["n_train"], rec["seconds"], rec["final_loss"])
         return folder
 
+    # -- data statistics (fisher, regmean) ----------------------------------------------------
+    def statistics(self, kind: str, task: str, expert: Path) -> Path:
+        """The expert's statistics on (the first ``n_stats`` of) its own training split,
+        computed through its own head and cached next to it, keyed by model, data, settings."""
+        from neuromerge.statistics import (
+            cached_statistics,
+            data_hash,
+            fisher_diagonal,
+            regmean_grams,
+            text_batches,
+        )
+
+        train = self._train[task]
+        n = min(self.profile.n_stats, len(train.texts))
+        texts, labels = train.texts[:n], train.labels[:n]
+        reader = open_checkpoint(expert / "body")
+        try:
+            names, fp = set(reader.names()), fingerprint(reader)
+        finally:
+            reader.close()
+        max_length = self.profile.train.max_length
+
+        def compute() -> Any:
+            model = expert_classifier(expert, len(train.label_names))
+            batches = text_batches(self.tokenizer, texts, labels, batch_size=16,
+                                   max_length=max_length)
+            prefix = model.base_model_prefix + "."
+            with self.timer("statistics"):
+                stats = (fisher_diagonal(model, batches, prefix=prefix) if kind == "fisher"
+                         else regmean_grams(model, batches, prefix=prefix))
+            stats.tensors = {k: v for k, v in stats.tensors.items() if k in names}
+            return stats
+
+        return cached_statistics(expert / "statistics", kind, fp, data_hash(texts, labels),
+                                 compute, {"max_length": max_length, "fisher_type": "expected"})
+
+    def statistics_for(self, method: str, experts: Mapping[str, Path]) -> list[Path] | None:
+        kind = get_method(method).needs
+        if kind is None:
+            return None
+        return [self.statistics(kind, t, experts[t]) for t in self.profile.tasks]
+
     # -- evaluation -------------------------------------------------------------------------
     def features(self, body: Any, ds: TextDataset, desc: str) -> torch.Tensor:
         with self.timer("evaluation"):
@@ -195,6 +266,7 @@ class Bench:
                                                 n_train=p.n_train, n_val=p.n_val,
                                                 n_test=p.n_test)
         experts = {t: self.expert(t, seed, splits[t]["train"]) for t in p.tasks}
+        self._train = {t: splits[t]["train"] for t in p.tasks}
         heads = {t: load_head(experts[t] / "head.safetensors") for t in p.tasks}
         ctx = _key(seed, self.base_id, [(t, str(experts[t].name)) for t in p.tasks],
                    [_data_hash(splits[t]["test"]) for t in p.tasks])
@@ -233,9 +305,13 @@ class Bench:
         key = _key("default", ctx, method)
         if self.results.get(key):
             return
-        cfg = {"merge_method": method, "base_model": str(self.base.resolve()),
-               "models": [{"model": str((experts[t] / "body").resolve())}
-                          for t in self.profile.tasks]}
+        cfg: dict[str, Any] = {
+            "merge_method": method, "base_model": str(self.base.resolve()),
+            "models": [{"model": str((experts[t] / "body").resolve())}
+                       for t in self.profile.tasks]}
+        stat_paths = self.statistics_for(method, experts)
+        for entry, path in zip(cfg["models"], stat_paths or [], strict=False):
+            entry["statistics"] = str(path.resolve())
         cfg_path = self.out / "configs" / f"seed{seed}" / f"{method}.yaml"
         cfg_path.parent.mkdir(parents=True, exist_ok=True)
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -255,13 +331,17 @@ class Bench:
         """θ0 and the linear components of a merge with these non-linear settings."""
         m = get_method(method)
         linear = SWEEPS[method]["linear"]
-        if method == "neuromerging":
-            units = {"lambda1": {"lambda1": 1.0, "lambda2": 0.0, "lambda_point": 0.0},
-                     "lambda2": {"lambda1": 0.0, "lambda2": 1.0, "lambda_point": 1.0}}
+        if set(linear) <= set(_NEURO_UNITS) and linear:
+            units = {name: _NEURO_UNITS[name] for name in _NEURO_UNITS}
         else:
             units = {name: {name: 1.0} for name in linear} or {"": {}}
+        from neuromerge.statistics import open_statistics
+
+        stat_paths = self.statistics_for(method, experts)
         base = open_checkpoint(self.base)
         readers = [open_checkpoint(experts[t] / "body") for t in self.profile.tasks]
+        stats = ([open_statistics(p, m.needs) for p in stat_paths]
+                 if stat_paths is not None else None)
         try:
             theta0 = {n: base.read(n) for n in base.names()}
             comps = {}
@@ -272,12 +352,12 @@ class Bench:
                     run(base, readers, m, params,
                         lambda plan, sinks=sinks: sinks.append(DictSink(plan)) or sinks[0],
                         model_keys=[str(experts[t] / "body") for t in self.profile.tasks],
-                        progress=False)
+                        progress=False, statistics=stats)
                 comps[name] = {k: v.float() - theta0[k].float() if v.is_floating_point()
                                else v for k, v in sinks[0].state_dict.items()}
         finally:
             base.close()
-            for r in readers:
+            for r in [*readers, *(stats or [])]:
                 r.close()
         return theta0, comps
 

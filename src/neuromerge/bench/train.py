@@ -106,6 +106,25 @@ def _body(model: Any) -> Any:
     return getattr(model, model.base_model_prefix)
 
 
+def expert_classifier(expert: Path, num_labels: int) -> Any:
+    """An expert as the classifier it was trained as: its body with its own head (what its
+    data statistics are computed through)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from neuromerge.bench.evaluate import load_body
+
+    body = load_body(expert / "body")
+    cfg = body.config
+    cfg.num_labels = num_labels
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    setattr(model, model.base_model_prefix, body)
+    weight, bias = load_head(expert / "head.safetensors")
+    with torch.no_grad():
+        model.classifier.weight.copy_(weight)
+        model.classifier.bias.copy_(bias)
+    return model.eval()
+
+
 def load_head(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     from safetensors.torch import load_file
 

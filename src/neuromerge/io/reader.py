@@ -182,6 +182,13 @@ class SafetensorsReader:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def metadata(self) -> dict[str, str]:
+        """The files' safetensors ``__metadata__``, merged."""
+        out: dict[str, str] = {}
+        for f in self._files.values():
+            out.update(f.metadata)
+        return out
+
     def meta(self, name: str) -> TensorMeta:
         return self._where[name].meta(name)
 

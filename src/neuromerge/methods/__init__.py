@@ -5,12 +5,14 @@ from neuromerge.methods.average import average
 from neuromerge.methods.breadcrumbs import breadcrumbs
 from neuromerge.methods.consensus import consensus_ta, consensus_ties
 from neuromerge.methods.dare import dare_linear, dare_ties
+from neuromerge.methods.fisher import fisher
 from neuromerge.methods.neuromerging import dare_neuromerging, neuromerging
 from neuromerge.methods.pcb import pcb
+from neuromerge.methods.regmean import regmean
 from neuromerge.methods.svd import iso_c, iso_cts, tsv_m
 from neuromerge.methods.task_arithmetic import task_arithmetic
 from neuromerge.methods.ties import ties
 
 __all__ = ["average", "breadcrumbs", "consensus_ta", "consensus_ties", "dare_linear",
-           "dare_neuromerging", "dare_ties", "iso_c", "iso_cts", "neuromerging", "pcb",
-           "task_arithmetic", "ties", "tsv_m"]
+           "dare_neuromerging", "dare_ties", "fisher", "iso_c", "iso_cts", "neuromerging",
+           "pcb", "regmean", "task_arithmetic", "ties", "tsv_m"]
