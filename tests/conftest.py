@@ -17,7 +17,12 @@ from neuromerge.examples import make_bert_family
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread: the tests' tensors are tiny, and on a shared 2-core machine OpenMP threads
+# waiting for a descheduled sibling made the benchmark test 20x slower (measured: 319 vs 17 s).
+# Subprocesses (CLI tests) inherit it through OMP_NUM_THREADS.
+_THREADS = int(os.environ.get("NEUROMERGE_TEST_THREADS", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+torch.set_num_threads(_THREADS)
 
 settings.register_profile("default", deadline=None, max_examples=60,
                           suppress_health_check=[HealthCheck.too_slow])

@@ -62,7 +62,9 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 PROFILE = Profile("test", ("alpha", "beta"), (0,), n_train=96, n_val=32, n_test=32,
                   train=TrainConfig(epochs=20, batch_size=16, lr=5e-3, max_length=16),
-                  tune=True, eval_batch=32)
+                  tune=True, eval_batch=32,
+                  # the sweeps of the other methods are checked by the recombination test below
+                  methods=("average", "ties", "neuromerging", "fisher", "regmean"))
 
 
 def test_benchmark_end_to_end_and_resume(tiny_base: Path, tmp_path: Path) -> None:
@@ -73,7 +75,8 @@ def test_benchmark_end_to_end_and_resume(tiny_base: Path, tmp_path: Path) -> Non
     expert = s["reference/expert (upper bound)"]
     assert min(v[0] for v in expert["tasks"].values()) >= 0.8  # the experts learned
     for mode in ("default", "tuned"):
-        for method in SWEEPS:
+        assert PROFILE.methods is not None
+        for method in PROFILE.methods:
             row = s[f"{mode}/{method}"]
             assert set(row["tasks"]) == {"alpha", "beta"} and len(row["average"]) == 1
             assert 0.0 <= row["normalized"][0] <= 1.5
