@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run NeuroMerging's ablations on the profile's experts instead (needs "
                         "validation splits: --profile full); report in --out (default: "
                         "bench-results/ablations-PROFILE)")
+    b.add_argument("--grid", choices=("full", "small"), default="full",
+                   help="with --ablations: the settings' grids; small fits about an hour per "
+                        "seed on 2 busy cores (fewer points, test split only where nothing is "
+                        "tuned; docs/analysis.md lists both)")
     b.add_argument("--only", default=None, metavar="A1,A2",
                    help="with --ablations: only these of subspaces, frame, density, "
                         "trim_compat, tasks (default: all)")
@@ -273,8 +277,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     if args.ablations:
         return _cmd_ablations(args, methods, seeds)
-    if args.only:
-        raise ConfigError("--only selects ablations: use it with --ablations")
+    if args.only or args.grid != "full":
+        raise ConfigError("--only and --grid select ablations: use them with --ablations")
     out = args.out or f"bench-results/{args.profile}"
     report = run_benchmark(args.profile, out, cache_dir=args.cache, methods=methods,
                            seeds=seeds, progress=not args.quiet)
@@ -287,9 +291,9 @@ def _cmd_ablations(args: argparse.Namespace, methods: list[str] | None,
                    seeds: list[int] | None) -> int:
     from dataclasses import replace
 
-    from neuromerge.bench.ablations import Plan, ablation_names, run_ablations
+    from neuromerge.bench.ablations import PLANS, ablation_names, run_ablations
 
-    plan = replace(Plan(), ablations=ablation_names(args.only))
+    plan = replace(PLANS[args.grid], ablations=ablation_names(args.only))
     if methods:
         plan = replace(plan, task_methods=tuple(methods))
     out = args.out or f"bench-results/ablations-{args.profile}"

@@ -160,19 +160,21 @@ def test_tuned_lambda2_is_chosen_on_validation(report: tuple[dict, Path, dict]) 
     rep, out, _ = report
     recs = _records(out)
     for r in rep["summary"]["density"]:
+        fixed = dict(nm_setting("x", density=r["density"]).fixed)
+
+        def mine(rec: dict, split: str, fixed: dict = fixed) -> bool:  # λ1 0, λ_point = λ2
+            return (rec["kind"] == "ablation" and rec["split"] == split
+                    and rec["fixed"] == fixed and rec["linear"]["lambda1"] == 0
+                    and rec["linear"]["lambda_point"] is None)
+
         val = {rec["linear"]["lambda2"]: sum(rec["accuracy"].values()) / 3 for rec in recs
-               if rec["kind"] == "ablation" and rec["split"] == "val"
-               and rec["fixed"]["density"] == r["density"] and rec["label"].startswith("density")
-               and rec["linear"]["lambda2"] != AUTO}
+               if mine(rec, "val") and rec["linear"]["lambda2"] != AUTO}
         assert set(val) == {0.5, 2.0, 4.0}
         best = max(val, key=lambda k: val[k])
         assert r["tuned"]["lambda2"] == [best]
         assert r["tuned"]["val"]["mean"] == pytest.approx(val[best])
         # only the chosen grid point (and auto) is scored on test
-        tests = {rec["linear"]["lambda2"] for rec in recs
-                 if rec["kind"] == "ablation" and rec["split"] == "test"
-                 and rec["fixed"]["density"] == r["density"] and rec["label"].startswith(
-                     "density")}
+        tests = {rec["linear"]["lambda2"] for rec in recs if mine(rec, "test")}
         assert tests == {best, AUTO}
 
 
@@ -221,7 +223,7 @@ def test_rerun_skips_cached_records(report: tuple[dict, Path, dict]) -> None:
 
 def test_profile_without_validation_is_refused(tiny_base: Path,  # noqa: F811
                                                tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no|none"):
+    with pytest.raises(ConfigError, match="has none: use --profile full"):
         run_ablations(replace(PROFILE, n_val=0), tmp_path / "o", plan=PLAN, progress=False,
                       cache_dir=tmp_path / "c", base_dir=tiny_base, datasets=synthetic,
                       make_splits=splits)

@@ -63,7 +63,20 @@ class Plan:
     task_methods: tuple[str, ...] = ("average", "task_arithmetic", "ties", "neuromerging")
     subsets_per_size: int = 2
     subset_seed: int = 0  # the task subsets are the same for every bench seed (paired)
+    task_sizes: tuple[int, ...] | None = None  # T values of the tasks ablation (None: 2 … all)
+    splits: tuple[str, ...] = ("val", "test")  # of subspaces, frame, trim_compat settings
     ablations: tuple[str, ...] = ABLATIONS
+
+
+#: ``--grid``: "full" as designed; "small" is what fits about an hour of one seed on 2 cores
+#: shared with other work (each setting scored on test only, unless validation chooses).
+PLANS: dict[str, Plan] = {
+    "full": Plan(),
+    "small": Plan(lambda1=(0.0, 1.0), lambda2=(0.0, AUTO), rank_thresholds=(0.5,),
+                  densities=(0.05, 0.2, 1.0), lambda2_grid=(1.0, 1.5, 2.0, 3.0),
+                  task_methods=("ties", "neuromerging"), subsets_per_size=1,
+                  task_sizes=(2, 4, 7), splits=("test",)),
+}
 
 
 @dataclass(frozen=True)
@@ -117,11 +130,14 @@ def frame_settings(plan: Plan) -> list[Setting]:
 
 
 def trim_compat_settings(plan: Plan) -> list[Setting]:
-    return [nm_setting("global trim, spec (default)"),
-            nm_setting("per-tensor trim", trim_scope="tensor"),
-            nm_setting("compat: official", compat="official"),
-            nm_setting("spec, λ1=1", lambda1=1.0),
-            nm_setting("compat: official, λ1=1", lambda1=1.0, compat="official")]
+    out = [nm_setting("global trim, spec (default)"),
+           nm_setting("per-tensor trim", trim_scope="tensor"),
+           nm_setting("compat: official", compat="official")]
+    # official's unit-vector parallel part only matters with λ1 ≠ 0: compared where λ1 varies
+    for l1 in (x for x in plan.lambda1 if x != 0 and len(plan.lambda1) > 2):
+        out += [nm_setting(f"spec, λ1={l1:g}", lambda1=l1),
+                nm_setting(f"compat: official, λ1={l1:g}", lambda1=l1, compat="official")]
+    return out
 
 
 def density_settings(plan: Plan, density: float) -> tuple[Setting, list[Setting]]:
@@ -132,12 +148,15 @@ def density_settings(plan: Plan, density: float) -> tuple[Setting, list[Setting]
     return auto, grid
 
 
-def task_subsets(tasks: Sequence[str], per_size: int, seed: int = 0
-                 ) -> list[tuple[str, ...]]:
-    """For T = 2 … len(tasks): every T-subset when there are at most ``per_size``, otherwise
-    ``per_size`` distinct ones drawn with a generator seeded by (seed, T) (same on every call)."""
+def task_subsets(tasks: Sequence[str], per_size: int, seed: int = 0,
+                 sizes: Sequence[int] | None = None) -> list[tuple[str, ...]]:
+    """For T in ``sizes`` (default 2 … len(tasks)): every T-subset when there are at most
+    ``per_size``, otherwise ``per_size`` distinct ones drawn with a generator seeded by (seed, T)
+    (the same on every call)."""
     out: list[tuple[str, ...]] = []
-    for size in range(2, len(tasks) + 1):
+    for size in sizes or range(2, len(tasks) + 1):
+        if not 2 <= size <= len(tasks):
+            raise ConfigError(f"cannot merge {size} of {len(tasks)} tasks (2 … {len(tasks)})")
         combos = list(itertools.combinations(tasks, size))
         if len(combos) > per_size:
             combos = sorted(random.Random(f"{seed}-{size}").sample(combos, per_size),
@@ -232,11 +251,12 @@ class Ablations:
         for name in plan.ablations:
             with b.timer(f"ablation {name}"):
                 if name == "subspaces":
-                    self.score_settings(sd, subspace_settings(plan), desc="subspaces")
+                    self.score_settings(sd, subspace_settings(plan), plan.splits, "subspaces")
                 elif name == "frame":
-                    self.score_settings(sd, frame_settings(plan), desc="frame")
+                    self.score_settings(sd, frame_settings(plan), plan.splits, "frame")
                 elif name == "trim_compat":
-                    self.score_settings(sd, trim_compat_settings(plan), desc="trim/compat")
+                    self.score_settings(sd, trim_compat_settings(plan), plan.splits,
+                                        "trim/compat")
                 elif name == "density":
                     for d in plan.densities:
                         auto, grid = density_settings(plan, d)
@@ -252,7 +272,7 @@ class Ablations:
     def run_tasks(self, sd: SeedData) -> None:
         b = self.bench
         subsets = task_subsets(b.profile.tasks, self.plan.subsets_per_size,
-                               self.plan.subset_seed)
+                               self.plan.subset_seed, self.plan.task_sizes)
         todo = [(sub, m) for sub in subsets for m in self.plan.task_methods
                 if not b.results.get(self.task_key(sd, m, sub))]
         for sub, method in tqdm(todo, desc="number of tasks", disable=not b.progress,
@@ -327,7 +347,8 @@ def summarize(abl: Ablations, seeds: Sequence[int]) -> dict[str, Any]:
         out["density"] = dens
     if "tasks" in plan.ablations:
         experts = {sd.seed: b.expert_scores(sd) for sd in sds}
-        subsets = task_subsets(b.profile.tasks, plan.subsets_per_size, plan.subset_seed)
+        subsets = task_subsets(b.profile.tasks, plan.subsets_per_size, plan.subset_seed,
+                               plan.task_sizes)
         by_size = []
         for size in sorted({len(s) for s in subsets}):
             entry: dict[str, Any] = {"T": size, "subsets": [list(s) for s in subsets
@@ -588,6 +609,6 @@ def ablation_names(text: str | None) -> tuple[str, ...]:
     return names
 
 
-__all__ = ["ABLATIONS", "Ablations", "Plan", "Setting", "ablation_names", "nm_setting",
+__all__ = ["ABLATIONS", "PLANS", "Ablations", "Plan", "Setting", "ablation_names", "nm_setting",
            "run_ablations", "task_subsets"]
 
