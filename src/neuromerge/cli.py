@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --ablations: the settings' grids; small fits about an hour per "
                         "seed on 2 busy cores (fewer points, test split only where nothing is "
                         "tuned; docs/analysis.md lists both)")
+    b.add_argument("--report-only", action="store_true",
+                   help="with --ablations: compute nothing, write the report from the results "
+                        "already in --out (missing cells show –)")
     b.add_argument("--only", default=None, metavar="A1,A2",
                    help="with --ablations: only these of subspaces, frame, density, "
                         "trim_compat, tasks (default: all)")
@@ -277,8 +280,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     if args.ablations:
         return _cmd_ablations(args, methods, seeds)
-    if args.only or args.grid != "full":
-        raise ConfigError("--only and --grid select ablations: use them with --ablations")
+    if args.only or args.grid != "full" or args.report_only:
+        raise ConfigError("--only, --grid and --report-only are for --ablations: add it")
     out = args.out or f"bench-results/{args.profile}"
     report = run_benchmark(args.profile, out, cache_dir=args.cache, methods=methods,
                            seeds=seeds, progress=not args.quiet)
@@ -298,7 +301,7 @@ def _cmd_ablations(args: argparse.Namespace, methods: list[str] | None,
         plan = replace(plan, task_methods=tuple(methods))
     out = args.out or f"bench-results/ablations-{args.profile}"
     report = run_ablations(args.profile, out, plan=plan, seeds=seeds, cache_dir=args.cache,
-                           progress=not args.quiet)
+                           progress=not args.quiet, compute=not args.report_only)
     print(report["markdown"])
     print(f"report, JSON and plots in {out}/")
     return 0

@@ -16,6 +16,7 @@ from neuromerge import merge_state_dicts
 from neuromerge.bench.ablations import (
     ABLATIONS,
     AUTO,
+    PLANS,
     Ablations,
     Plan,
     ablation_names,
@@ -66,6 +67,9 @@ def test_task_subsets_are_deterministic_and_cover_every_size() -> None:
     assert sizes == sorted(sizes) and set(sizes) == set(range(2, 8))
     assert sizes.count(7) == 1 and sizes.count(6) == 3 and sizes.count(2) == 3
     assert len(set(a)) == len(a) and all(len(set(s)) == len(s) for s in a)
+    assert task_subsets(tasks, 1, sizes=(2, 7)) == [task_subsets(tasks, 1)[0], tuple(tasks)]
+    with pytest.raises(ConfigError, match="cannot merge 8 of 7 tasks"):
+        task_subsets(tasks, 1, sizes=(8,))
     # all subsets when there are few: 3 tasks give the 3 pairs and the triple
     assert task_subsets(["a", "b", "c"], 5) == [("a", "b"), ("a", "c"), ("b", "c"),
                                                   ("a", "b", "c")]
@@ -96,6 +100,15 @@ def test_settings_are_what_each_ablation_claims() -> None:
     assert sub[1].key("c", "val") == default.key("c", "val")  # λ1 0, λ2 = λ_point = auto
     with pytest.raises(ConfigError, match="non-linear"):
         nm_setting("x", lambda3=1.0)
+
+
+def test_small_grid_is_a_subset_of_the_full_one() -> None:
+    full, small = PLANS["full"], PLANS["small"]
+    for name in ("lambda1", "densities", "task_methods", "rank_thresholds"):
+        assert set(getattr(small, name)) <= set(getattr(full, name)), name
+    assert len(subspace_settings(small)) == 4 and len(trim_compat_settings(small)) == 3
+    assert len(trim_compat_settings(full)) == 3 + 2 * 2  # official vs spec at λ1 = 1 and 3
+    assert small.splits == ("test",) and full.splits == ("val", "test")
 
 
 def test_ablation_names() -> None:
@@ -219,12 +232,22 @@ def test_rerun_skips_cached_records(report: tuple[dict, Path, dict]) -> None:
     assert "merging" not in again["meta"]["seconds"] and "fine-tuning" not in \
         again["meta"]["seconds"]
     assert again["summary"] == rep["summary"]
+    # --report-only in a fresh folder over the same experts: every cell empty, nothing scored
+    fresh = run_ablations(PROFILE, out.parent / "fresh", plan=PLAN, progress=False,
+                          compute=False, **kwargs)
+    assert not (out.parent / "fresh" / "results.jsonl").exists()
+    assert all(not r["test"]["values"] for r in fresh["summary"]["frame"])
+    assert "| 2 | 2 | – | – |" in fresh["markdown"]
 
 
 def test_profile_without_validation_is_refused(tiny_base: Path,  # noqa: F811
                                                tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="has none: use --profile full"):
         run_ablations(replace(PROFILE, n_val=0), tmp_path / "o", plan=PLAN, progress=False,
+                      cache_dir=tmp_path / "c", base_dir=tiny_base, datasets=synthetic,
+                      make_splits=splits)
+    with pytest.raises(ConfigError, match="no cached expert for task 'alpha'"):
+        run_ablations(PROFILE, tmp_path / "o", plan=PLAN, progress=False, compute=False,
                       cache_dir=tmp_path / "c", base_dir=tiny_base, datasets=synthetic,
                       make_splits=splits)
     with pytest.raises(ConfigError, match="unknown ablation"):

@@ -300,7 +300,7 @@ def summarize(abl: Ablations, seeds: Sequence[int]) -> dict[str, Any]:
     """Per ablation, per setting: mean accuracy over tasks for each split and seed (mean ± std
     over seeds), per-task accuracies per seed, and the λ2 = auto value; nothing is recomputed."""
     b, plan = abl.bench, abl.plan
-    sds = [b.prepare(s) for s in seeds]  # cached experts: only the splits are rebuilt
+    sds = [b.prepare(s, train=False) for s in seeds]  # reads the caches, computes nothing
     out: dict[str, Any] = {}
 
     def rows(settings: Sequence[Setting], splits: Sequence[str] = ("val", "test")
@@ -346,7 +346,8 @@ def summarize(abl: Ablations, seeds: Sequence[int]) -> dict[str, Any]:
             dens.append(row)
         out["density"] = dens
     if "tasks" in plan.ablations:
-        experts = {sd.seed: b.expert_scores(sd) for sd in sds}
+        experts = {sd.seed: {t: r["accuracy"] for t in b.profile.tasks
+                             if (r := b.results.get(_key("expert", sd.ctx, t)))} for sd in sds}
         subsets = task_subsets(b.profile.tasks, plan.subsets_per_size, plan.subset_seed,
                                plan.task_sizes)
         by_size = []
@@ -359,7 +360,7 @@ def summarize(abl: Ablations, seeds: Sequence[int]) -> dict[str, Any]:
                 for sd in sds:
                     recs = [b.results.get(abl.task_key(sd, m, s)) for s in subsets
                             if len(s) == size]
-                    if not recs or not all(recs):
+                    if not recs or not all(recs) or len(experts[sd.seed]) < len(b.profile.tasks):
                         continue
                     acc.append(statistics.fmean(_mean(r["accuracy"]) for r in recs))
                     norm.append(statistics.fmean(
@@ -404,7 +405,7 @@ def markdown(summary: Mapping[str, Any], tasks: Sequence[str], meta: Mapping[str
             lines.append("| " + " | ".join(cells) + " |")
         return lines
 
-    if "subspaces" in summary:
+    if any(r[sp]["values"] for r in summary.get("subspaces", []) for sp in ("val", "test")):
         rows = summary["subspaces"]
         l2s = list(dict.fromkeys(r["lambda2"] for r in rows))
         l1s = list(dict.fromkeys(r["lambda1"] for r in rows))
@@ -486,12 +487,14 @@ def plots(summary: Mapping[str, Any], out: Path) -> list[str]:
     except ImportError:  # plots are optional: pip install 'neuromerge[bench]'
         return []
     made = []
-    if "subspaces" in summary:
+    if any(r[sp]["values"] for r in summary.get("subspaces", []) for sp in ("val", "test")):
         rows = summary["subspaces"]
         l2s = list(dict.fromkeys(r["lambda2"] for r in rows))
         l1s = list(dict.fromkeys(r["lambda1"] for r in rows))
-        fig, axes = plt.subplots(1, 2, figsize=(2.2 * len(l2s) + 3, 0.9 * len(l1s) + 2))
-        for ax, sp in zip(axes, ("val", "test"), strict=True):
+        have = [sp for sp in ("val", "test") if any(r[sp]["values"] for r in rows)]
+        fig, axes = plt.subplots(1, len(have), figsize=(2.2 * len(l2s) + 3, 0.9 * len(l1s) + 2),
+                                 squeeze=False)
+        for ax, sp in zip(axes[0], have, strict=True):
             grid = [[100 * next(r for r in rows if r["lambda1"] == a and r["lambda2"] == c)[sp][
                 "mean"] for c in l2s] for a in l1s]
             im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
@@ -508,8 +511,8 @@ def plots(summary: Mapping[str, Any], out: Path) -> list[str]:
         fig.savefig(out / "subspaces.png", dpi=110)
         plt.close(fig)
         made.append("subspaces.png")
-    if summary.get("density"):
-        rows = summary["density"]
+    rows = [r for r in summary.get("density", []) if r["auto"]["val"]["values"]]
+    if rows:  # a run cut short plots the densities it has
         ds = [r["density"] for r in rows]
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         for name, get, style in (("λ2 auto, test", lambda r: r["auto"]["test"], "o-"),
@@ -538,7 +541,8 @@ def plots(summary: Mapping[str, Any], out: Path) -> list[str]:
         fig.savefig(out / "density.png", dpi=110)
         plt.close(fig)
         made.append("density.png")
-    if "tasks" in summary and summary["tasks"]["by_size"]:
+    if any(m["accuracy"]["values"] for e in summary.get("tasks", {}).get("by_size", [])
+           for m in e["methods"].values()):
         by = summary["tasks"]["by_size"]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, what in zip(axes, ("accuracy", "normalized"), strict=True):
@@ -574,10 +578,11 @@ def write_report(abl: Ablations, seeds: Sequence[int], meta: Mapping[str, Any]
 
 def run_ablations(profile: Any, out_dir: str | Path, *, plan: Plan | None = None,
                   seeds: Sequence[int] | None = None, progress: bool = True,
-                  **bench_kwargs: Any) -> dict[str, Any]:
+                  compute: bool = True, **bench_kwargs: Any) -> dict[str, Any]:
     """Run (or resume) the ablations on ``profile``'s experts and write the report into
-    ``out_dir`` (results.jsonl, summary.json, report.md, PNG plots). ``bench_kwargs`` as
-    ``runner.open_bench`` (cache_dir, base_dir, datasets, make_splits)."""
+    ``out_dir`` (results.jsonl, summary.json, report.md, PNG plots). ``compute=False`` writes
+    the report from the records already there (a run cut short: missing cells show "–").
+    ``bench_kwargs`` as ``runner.open_bench`` (cache_dir, base_dir, datasets, make_splits)."""
     plan = plan or Plan()
     unknown = [a for a in plan.ablations if a not in ABLATIONS]
     if unknown:
@@ -591,7 +596,7 @@ def run_ablations(profile: Any, out_dir: str | Path, *, plan: Plan | None = None
         raise ConfigError(f"the ablations tune λ2 on validation splits and profile {p.name!r} "
                           f"has none: use --profile full")
     abl = Ablations(bench, plan)
-    for seed in p.seeds:
+    for seed in p.seeds if compute else ():
         abl.run_seed(seed)
     bench.timer.seconds["total"] = time.perf_counter() - t0
     return write_report(abl, p.seeds, bench_meta(bench))

@@ -34,6 +34,7 @@ from neuromerge import __version__
 from neuromerge.bench.evaluate import accuracy, load_body, pooled_features
 from neuromerge.bench.train import TextDataset, TrainConfig, finetune, linear_probe, load_head
 from neuromerge.engine import DictSink, run
+from neuromerge.errors import ConfigError
 from neuromerge.io.reader import fingerprint, open_checkpoint
 from neuromerge.pipeline import merge
 from neuromerge.registry import all_methods, get_method
@@ -209,10 +210,16 @@ class Bench:
             return {task: self.make_splits(self.datasets(task), seed=seed, n_train=p.n_train,
                                            n_val=p.n_val, n_test=p.n_test) for task in p.tasks}
 
-    def prepare(self, seed: int) -> SeedData:
-        """Splits, experts (fine-tuned unless cached), heads and the seed's result context."""
+    def prepare(self, seed: int, train: bool = True) -> SeedData:
+        """Splits, experts (fine-tuned unless cached; with ``train=False`` a missing expert is
+        an error), heads and the seed's result context."""
         p = self.profile
         splits = self.splits(seed)
+        if not train:
+            for t in p.tasks:
+                if not (self.expert_folder(t, seed, splits[t]["train"]) / "train.json").exists():
+                    raise ConfigError(f"no cached expert for task {t!r}, seed {seed} in "
+                                      f"{self.cache}: run the benchmark first")
         experts = {t: self.expert(t, seed, splits[t]["train"]) for t in p.tasks}
         heads = {t: load_head(experts[t] / "head.safetensors") for t in p.tasks}
         ctx = _key(seed, self.base_id, [(t, str(experts[t].name)) for t in p.tasks],
