@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  trim_compat  global vs per-tensor trim; compat official vs spec\n"
                "  tasks        number of merged tasks T = 2 … all (--methods: which methods; "
                "default\n               average, task_arithmetic, ties, neuromerging)\n"
-               "  about 1 hour per seed on 2 cores; resumable like the benchmark",
+               "  --grid full: roughly an hour per seed on 2 quiet cores (estimated);\n"
+               "  --grid small: about 75 minutes for seed 0 on 2 busy cores (measured);\n"
+               "  resumable like the benchmark",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--profile", choices=("quick", "full"), default="quick")
     b.add_argument("--out", default=None, metavar="DIR",

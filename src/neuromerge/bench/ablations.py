@@ -473,6 +473,8 @@ def markdown(summary: Mapping[str, Any], tasks: Sequence[str], meta: Mapping[str
                          + " |")
         parts.append("")
     secs = meta.get("seconds", {})
+    if not secs:  # --report-only: the time went into the runs that made the records
+        return "\n".join(parts) + "\n"
     parts += ["## Where the time went", "", "| phase | seconds |", "|---|---|"]
     parts += [f"| {k} | {v:.0f} |" for k, v in secs.items()]
     return "\n".join(parts) + "\n"
@@ -598,8 +600,9 @@ def run_ablations(profile: Any, out_dir: str | Path, *, plan: Plan | None = None
     abl = Ablations(bench, plan)
     for seed in p.seeds if compute else ():
         abl.run_seed(seed)
-    bench.timer.seconds["total"] = time.perf_counter() - t0
-    return write_report(abl, p.seeds, bench_meta(bench))
+    meta = bench_meta(bench)
+    meta["seconds"] = {**bench.timer.seconds, "total": time.perf_counter() - t0} if compute else {}
+    return write_report(abl, p.seeds, meta)
 
 
 def ablation_names(text: str | None) -> tuple[str, ...]:
