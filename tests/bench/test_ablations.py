@@ -1,0 +1,255 @@
+"""``neuromerge bench --ablations`` on a tiny random BERT and synthetic keyword tasks: every
+ablation produces the settings it claims, tuned λ2 is chosen on validation, recombined settings
+equal direct merges, the task subsets are deterministic, and a rerun recomputes nothing."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from neuromerge import merge_state_dicts
+from neuromerge.bench.ablations import (
+    ABLATIONS,
+    AUTO,
+    PLANS,
+    Ablations,
+    Plan,
+    ablation_names,
+    density_settings,
+    frame_settings,
+    nm_setting,
+    run_ablations,
+    subspace_settings,
+    task_subsets,
+    trim_compat_settings,
+)
+from neuromerge.bench.evaluate import load_body
+from neuromerge.bench.runner import Profile, open_bench
+from neuromerge.bench.train import TrainConfig
+from neuromerge.errors import ConfigError
+from tests.bench.test_runner import DS, WORDS, splits, tiny_base  # noqa: F401 (fixture)
+
+CUES = {"alpha": ["water", "home"], "beta": ["good", "time"], "gamma": ["red", "blue", "green"]}
+
+
+def synthetic(task: str, n: int = 150) -> DS:
+    rng = random.Random(task)
+    cues = CUES[task]
+    texts, labels = [], []
+    for i in range(n):
+        y = i % len(cues)
+        words = rng.choices(WORDS, k=6)
+        words.insert(rng.randrange(7), cues[y])
+        texts.append(" ".join(words))
+        labels.append(y)
+    return DS(texts, labels, cues)
+
+
+PROFILE = Profile("test", ("alpha", "beta", "gamma"), (0,), n_train=90, n_val=30, n_test=30,
+                  train=TrainConfig(epochs=12, batch_size=16, lr=5e-3, max_length=16),
+                  tune=True, eval_batch=32)
+PLAN = Plan(lambda1=(0.0, 2.0), lambda2=(0.0, AUTO, 2.0), rank_thresholds=(0.5,),
+            densities=(0.2, 1.0), lambda2_grid=(0.5, 2.0, 4.0),
+            task_methods=("task_arithmetic", "neuromerging"), subsets_per_size=2)
+
+
+def test_task_subsets_are_deterministic_and_cover_every_size() -> None:
+    tasks = [f"t{i}" for i in range(7)]
+    a = task_subsets(tasks, 3, seed=0)
+    assert a == task_subsets(tasks, 3, seed=0)
+    assert a != task_subsets(tasks, 3, seed=1)
+    sizes = [len(s) for s in a]
+    assert sizes == sorted(sizes) and set(sizes) == set(range(2, 8))
+    assert sizes.count(7) == 1 and sizes.count(6) == 3 and sizes.count(2) == 3
+    assert len(set(a)) == len(a) and all(len(set(s)) == len(s) for s in a)
+    assert task_subsets(tasks, 1, sizes=(2, 7)) == [task_subsets(tasks, 1)[0], tuple(tasks)]
+    with pytest.raises(ConfigError, match="cannot merge 8 of 7 tasks"):
+        task_subsets(tasks, 1, sizes=(8,))
+    # all subsets when there are few: 3 tasks give the 3 pairs and the triple
+    assert task_subsets(["a", "b", "c"], 5) == [("a", "b"), ("a", "c"), ("b", "c"),
+                                                  ("a", "b", "c")]
+
+
+def test_settings_are_what_each_ablation_claims() -> None:
+    sub = subspace_settings(PLAN)
+    assert len(sub) == 6 and {(s.lambda1, s.lambda2) for s in sub} == {
+        (a, b) for a in (0.0, 2.0) for b in (0.0, AUTO, 2.0)}
+    assert all(s.lambda_point == AUTO for s in sub)  # points fixed: only the subspaces vary
+    assert [s.label.split(":")[0] for s in sub] == [
+        "neither (points only)", "orthogonal only", "orthogonal only", "parallel only", "both",
+        "both"]
+    frame = frame_settings(PLAN)
+    assert [dict(s.fixed)["orthogonal_merge"] for s in frame] == ["svd", "ties", "svd"]
+    assert [dict(s.fixed)["rank_threshold"] for s in frame] == [1.0, 1.0, 0.5]
+    tc = {s.label: dict(s.fixed) for s in trim_compat_settings(PLAN)}
+    assert tc["per-tensor trim"]["trim_scope"] == "tensor"
+    assert tc["compat: official"]["compat"] == "official"
+    auto, grid = density_settings(PLAN, 0.05)
+    assert auto.lambda2 == AUTO and dict(auto.fixed)["density"] == 0.05
+    assert [s.lambda2 for s in grid] == [0.5, 2.0, 4.0]
+    # the default merge is one setting whichever ablation names it: it is scored once
+    default = nm_setting("x")
+    assert frame[0].key("c", "val") == default.key("c", "val") == \
+        trim_compat_settings(PLAN)[0].key("c", "val") == \
+        density_settings(PLAN, 0.2)[0].key("c", "val")
+    assert sub[1].key("c", "val") == default.key("c", "val")  # λ1 0, λ2 = λ_point = auto
+    with pytest.raises(ConfigError, match="non-linear"):
+        nm_setting("x", lambda3=1.0)
+
+
+def test_small_grid_is_a_subset_of_the_full_one() -> None:
+    full, small = PLANS["full"], PLANS["small"]
+    for name in ("lambda1", "densities", "task_methods", "rank_thresholds"):
+        assert set(getattr(small, name)) <= set(getattr(full, name)), name
+    assert len(subspace_settings(small)) == 4 and len(trim_compat_settings(small)) == 3
+    assert len(trim_compat_settings(full)) == 3 + 2 * 2  # official vs spec at λ1 = 1 and 3
+    assert small.splits == ("test",) and full.splits == ("val", "test")
+
+
+def test_ablation_names() -> None:
+    assert ablation_names(None) == ABLATIONS
+    assert ablation_names("frame, tasks") == ("frame", "tasks")
+    with pytest.raises(ConfigError, match="unknown ablation 'subspace'"):
+        ablation_names("subspace")
+
+
+@pytest.fixture(scope="module")
+def report(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+           ) -> tuple[dict, Path, dict]:
+    tmp = tmp_path_factory.mktemp("abl")
+    kwargs = dict(cache_dir=tmp / "cache", base_dir=tiny_base, datasets=synthetic,
+                  make_splits=splits)
+    rep = run_ablations(PROFILE, tmp / "out", plan=PLAN, progress=False, **kwargs)
+    return rep, tmp / "out", kwargs
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_every_ablation_reports_its_settings(report: tuple[dict, Path, dict]) -> None:
+    rep, out, _ = report
+    s = rep["summary"]
+    assert set(s) == set(ABLATIONS)
+    for name, settings in (("subspaces", subspace_settings(PLAN)),
+                           ("frame", frame_settings(PLAN)),
+                           ("trim_compat", trim_compat_settings(PLAN))):
+        assert [r["label"] for r in s[name]] == [x.label for x in settings]
+        for r in s[name]:
+            for sp in ("val", "test"):
+                assert len(r[sp]["values"]) == 1 and 0.0 <= r[sp]["mean"] <= 1.0
+                assert set(r[f"{sp}_tasks"]) == set(PROFILE.tasks)
+    assert [r["density"] for r in s["density"]] == [0.2, 1.0]
+    for r in s["density"]:
+        assert set(r["grid_val"]) == {"0.5", "2", "4"}
+        assert r["tuned"]["lambda2"][0] in (0.5, 2.0, 4.0)
+    by = s["tasks"]["by_size"]
+    assert [e["T"] for e in by] == [2, 3] and [len(e["subsets"]) for e in by] == [2, 1]
+    for e in by:
+        for m in PLAN.task_methods:
+            assert len(e["methods"][m]["accuracy"]["values"]) == 1
+    # λ2 = auto is resolved from the trim: > 1 at density 0.2, exactly 1 without a trim
+    auto02 = s["density"][0]["auto"]["lambda2_auto"][0]
+    assert auto02 > 1.0 and s["density"][1]["auto"]["lambda2_auto"][0] == pytest.approx(1.0)
+    for f in ("report.md", "summary.json", "results.jsonl", "subspaces.png", "density.png",
+              "tasks.png"):
+        assert (out / f).exists(), f
+    md = (out / "report.md").read_text()
+    for title in ("## Subspaces", "## Orthogonal merge", "## Density", "## Global vs per-tensor",
+                  "## Number of merged tasks"):
+        assert title in md
+    # task-count records score only the merged tasks
+    recs = [r for r in _records(out) if r["kind"] == "ablation-tasks"]
+    assert len(recs) == 3 * len(PLAN.task_methods)
+    assert all(set(r["accuracy"]) == set(r["tasks"]) for r in recs)
+
+
+def test_tuned_lambda2_is_chosen_on_validation(report: tuple[dict, Path, dict]) -> None:
+    rep, out, _ = report
+    recs = _records(out)
+    for r in rep["summary"]["density"]:
+        fixed = dict(nm_setting("x", density=r["density"]).fixed)
+
+        def mine(rec: dict, split: str, fixed: dict = fixed) -> bool:  # λ1 0, λ_point = λ2
+            return (rec["kind"] == "ablation" and rec["split"] == split
+                    and rec["fixed"] == fixed and rec["linear"]["lambda1"] == 0
+                    and rec["linear"]["lambda_point"] is None)
+
+        val = {rec["linear"]["lambda2"]: sum(rec["accuracy"].values()) / 3 for rec in recs
+               if mine(rec, "val") and rec["linear"]["lambda2"] != AUTO}
+        assert set(val) == {0.5, 2.0, 4.0}
+        best = max(val, key=lambda k: val[k])
+        assert r["tuned"]["lambda2"] == [best]
+        assert r["tuned"]["val"]["mean"] == pytest.approx(val[best])
+        # only the chosen grid point (and auto) is scored on test
+        tests = {rec["linear"]["lambda2"] for rec in recs if mine(rec, "test")}
+        assert tests == {best, AUTO}
+
+
+def test_recombined_setting_equals_a_direct_merge(report: tuple[dict, Path, dict],
+                                                  tiny_base: Path) -> None:  # noqa: F811
+    """λ1 = 2, λ2 = 2 with points at λ2 auto, from unit merges, equals merging it directly."""
+    _, out, kwargs = report
+    bench = open_bench(PROFILE, out, progress=False, **kwargs)
+    abl = Ablations(bench, PLAN)
+    sd = bench.prepare(0)
+    s = next(x for x in subspace_settings(PLAN) if x.lambda1 == 2.0 and x.lambda2 == 2.0)
+    rec = abl.record(sd, s, "val")
+    auto = rec["lambda2_auto"]
+    assert rec["coeffs"] == {"lambda1": 2.0, "lambda2": 2.0, "lambda_point": auto}
+    from neuromerge.io.reader import open_checkpoint
+
+    def sd_of(path: Path) -> dict[str, torch.Tensor]:
+        r = open_checkpoint(path)
+        try:
+            return {n: r.read(n) for n in r.names()}
+        finally:
+            r.close()
+
+    direct = merge_state_dicts(
+        sd_of(tiny_base), {str(sd.experts[t] / "body"): sd_of(sd.experts[t] / "body")
+                           for t in PROFILE.tasks}, "neuromerging",
+        {"lambda1": 2.0, "lambda2": 2.0, "lambda_point": auto}).state_dict
+    body = load_body(state_dict=direct, config_dir=tiny_base)
+    assert bench.score_body(body, sd.splits, sd.heads, "val") == rec["accuracy"]
+    # and λ2 = auto from the unit merge is what a default merge resolves to
+    res = merge_state_dicts(sd_of(tiny_base), {str(sd.experts[t] / "body"):
+                                                sd_of(sd.experts[t] / "body")
+                                                for t in PROFILE.tasks}, "neuromerging", {})
+    assert res.params["lambda2"] == pytest.approx(auto, rel=1e-12)
+
+
+def test_rerun_skips_cached_records(report: tuple[dict, Path, dict]) -> None:
+    rep, out, kwargs = report
+    before = (out / "results.jsonl").read_text()
+    again = run_ablations(PROFILE, out, plan=PLAN, progress=False, **kwargs)
+    assert (out / "results.jsonl").read_text() == before  # nothing recomputed
+    assert "merging" not in again["meta"]["seconds"] and "fine-tuning" not in \
+        again["meta"]["seconds"]
+    assert again["summary"] == rep["summary"]
+    # --report-only in a fresh folder over the same experts: every cell empty, nothing scored
+    fresh = run_ablations(PROFILE, out.parent / "fresh", plan=PLAN, progress=False,
+                          compute=False, **kwargs)
+    assert not (out.parent / "fresh" / "results.jsonl").exists()
+    assert all(not r["test"]["values"] for r in fresh["summary"]["frame"])
+    assert "| 2 | 2 | – | – |" in fresh["markdown"]
+
+
+def test_profile_without_validation_is_refused(tiny_base: Path,  # noqa: F811
+                                               tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="has none: use --profile full"):
+        run_ablations(replace(PROFILE, n_val=0), tmp_path / "o", plan=PLAN, progress=False,
+                      cache_dir=tmp_path / "c", base_dir=tiny_base, datasets=synthetic,
+                      make_splits=splits)
+    with pytest.raises(ConfigError, match="no cached expert for task 'alpha'"):
+        run_ablations(PROFILE, tmp_path / "o", plan=PLAN, progress=False, compute=False,
+                      cache_dir=tmp_path / "c", base_dir=tiny_base, datasets=synthetic,
+                      make_splits=splits)
+    with pytest.raises(ConfigError, match="unknown ablation"):
+        run_ablations(PROFILE, tmp_path / "o", plan=replace(PLAN, ablations=("nope",)),
+                      progress=False)
