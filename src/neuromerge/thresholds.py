@@ -75,15 +75,16 @@ class MagnitudeSelect:
     def _add_band(self, bits: torch.Tensor, coarse: torch.Tensor, chunk: torch.Tensor) -> None:
         assert self._band is not None and self._band_counts is not None
         lo, hi = self._band
-        sel = (coarse >= lo) & (coarse <= hi)
-        if not bool(sel.any()):
+        # one nonzero, two gathers: boolean indexing would run the nonzero once per tensor
+        at = ((coarse >= lo) & (coarse <= hi)).nonzero().squeeze(1)
+        if at.numel() == 0:
             return
-        idx = bits[sel] - (lo << 16)  # (coarse − lo) · 2^16 + low 16 bits
+        idx = bits.index_select(0, at) - (lo << 16)  # (coarse − lo) · 2^16 + low 16 bits
         size = self._band_counts.numel()
         self._band_counts += torch.bincount(idx, minlength=size)
         if self._band_sums is not None:
-            self._band_sums += torch.bincount(idx, weights=chunk[sel].to(torch.float64),
-                                              minlength=size)
+            self._band_sums += torch.bincount(
+                idx, weights=chunk.index_select(0, at).to(torch.float64), minlength=size)
 
     @property
     def needs_refine(self) -> bool:

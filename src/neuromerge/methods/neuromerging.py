@@ -50,7 +50,8 @@ class NeuronFrames(NamedTuple):
     coords: torch.Tensor  # (m, T, r) coordinates A = U S, rounding of zeros set to 0
 
 
-def svd_frames(orth: torch.Tensor, rank_threshold: float = 1.0) -> NeuronFrames:
+def svd_frames(orth: torch.Tensor, rank_threshold: float = 1.0,
+               zero_rows: torch.Tensor | None = None) -> NeuronFrames:
     """The per-neuron SVD frames NeuroMerging merges in. ``orth``: (T, m, n) orthogonal parts.
 
     Per row: M = U S Vᵀ (T × n), from the T × T Gram matrices M Mᵀ = U S² Uᵀ (batched eigh);
@@ -58,7 +59,7 @@ def svd_frames(orth: torch.Tensor, rank_threshold: float = 1.0) -> NeuronFrames:
     with s_j ≤ 1e-6 · s_max are dropped, and with ``rank_threshold`` ρ < 1 so are those after the
     leading ones whose cumulative S² share first reaches ρ. Coordinates A = U S; a task whose
     orthogonal row is exactly zero has exactly zero coordinates, and coordinates below 1e-10 ·
-    s_max are rounding of zeros."""
+    s_max are rounding of zeros. ``zero_rows`` (T, m), when the caller knows them, saves a pass."""
     m_rows = orth.transpose(0, 1)  # (m, T, n), row-major per neuron
     gram = m_rows @ m_rows.transpose(1, 2)
     evals, u = torch.linalg.eigh(gram)
@@ -77,13 +78,15 @@ def svd_frames(orth: torch.Tensor, rank_threshold: float = 1.0) -> NeuronFrames:
         keep &= share_before < rank_threshold
     coords = u * s.unsqueeze(1)  # (m, T, r): A[k] = U S
     # A task whose orthogonal row is exactly zero has exactly zero coordinates.
-    zero_row = (m_rows == 0).all(dim=-1, keepdim=True)
+    zero_row = ((m_rows == 0).all(dim=-1, keepdim=True) if zero_rows is None
+                else zero_rows.transpose(0, 1).unsqueeze(-1))
     tiny = coords.abs() <= RESIDUE_RTOL * s_max.unsqueeze(1)
     coords = torch.where(zero_row | tiny, torch.zeros_like(coords), coords)
     return NeuronFrames(u, s, keep, coords)
 
 
-def merge_orthogonal_svd(orth: torch.Tensor, rank_threshold: float = 1.0) -> torch.Tensor:
+def merge_orthogonal_svd(orth: torch.Tensor, rank_threshold: float = 1.0,
+                         zero_rows: torch.Tensor | None = None) -> torch.Tensor:
     """TIES in each neuron's SVD frame. ``orth``: (T, m, n) orthogonal parts; returns (m, n).
 
     Per row: M = U S Vᵀ (T × n); coordinates A = M V = U S; s_j = sign(Σt A_tj) (0 → +, with
@@ -92,7 +95,7 @@ def merge_orthogonal_svd(orth: torch.Tensor, rank_threshold: float = 1.0) -> tor
     Computed for all rows at once from the T × T Gram matrices M Mᵀ = U S² Uᵀ (batched eigh,
     ``svd_frames``). With ``rank_threshold`` ρ < 1 only the leading directions whose cumulative
     S² share first reaches ρ are kept."""
-    u, s, keep, coords = svd_frames(orth, rank_threshold)
+    u, s, keep, coords = svd_frames(orth, rank_threshold, zero_rows)
     a = coords.transpose(0, 1)  # (T, m, r)
     a_bar = disjoint_mean(a, elect_sign(a, tensor_fallback=False))
     inv_s = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
@@ -105,10 +108,19 @@ def remove_parallel_(rows: torch.Tensor, w0: torch.Tensor, c: torch.Tensor) -> t
 
     An exactly parallel update leaves a rounding residue, not an orthogonal part: a row whose
     orthogonal part is at most 1e-10 of its task-vector row is set to exactly zero."""
+    return remove_parallel_with_zero_rows_(rows, w0, c)[0]
+
+
+def remove_parallel_with_zero_rows_(rows: torch.Tensor, w0: torch.Tensor, c: torch.Tensor
+                                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`remove_parallel_`, also returning which (T, m) orthogonal rows are exactly zero."""
     row_norms = rows.norm(dim=-1)
     rows -= c.unsqueeze(-1) * w0
-    residue = rows.norm(dim=-1) <= RESIDUE_RTOL * row_norms
-    return rows.masked_fill_(residue.unsqueeze(-1), 0.0)
+    after = rows.norm(dim=-1)
+    residue = after <= RESIDUE_RTOL * row_norms
+    if bool(residue.any()):  # rare (exactly parallel updates): skip the full pass otherwise
+        rows.masked_fill_(residue.unsqueeze(-1), 0.0)
+    return rows, residue | (after == 0)
 
 
 def merge_neurons(w0: torch.Tensor, tv: torch.Tensor, *, lambda1: float, lambda2: float,
@@ -154,9 +166,9 @@ def merge_neurons(w0: torch.Tensor, tv: torch.Tensor, *, lambda1: float, lambda2
         w0_b = rows64(b)
         orth = tv[:, b].to(torch.float64)
         c_b = c[:, b] if c is not None else neuron_coefficients(w0_b, orth)
-        remove_parallel_(orth, w0_b, c_b)
+        orth, zero_rows = remove_parallel_with_zero_rows_(orth, w0_b, c_b)
         if orthogonal_merge == "svd":
-            d = merge_orthogonal_svd(orth, rank_threshold)
+            d = merge_orthogonal_svd(orth, rank_threshold, zero_rows)
         else:
             d = ties_merge(orth, whole_sum=whole_orth_sum, inplace=True)
         d.mul_(lambda2)
