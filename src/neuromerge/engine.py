@@ -118,12 +118,22 @@ class DictSink:
 @functools.cache
 def _return_freed_tensors_to_the_os() -> None:
     """glibc raises its mmap threshold (up to 32 MB) after each large free; tensor-sized blocks
-    then come from the heap, and freed ones stay in the process. A fixed 1 MiB threshold keeps
-    every tensor-sized block mmapped, so freeing it returns it to the OS and peak RSS tracks the
-    tensors in flight (measured: neuromerging's peak growth 353 → 116 MB on 8 MB tensors)."""
+    then come from the heap, and freed ones stay in the process. A fixed threshold stops that
+    drift: buffers up to 32 MB (row blocks' working copies) come from the heap and are reused
+    from block to block without page faults (measured: 4x less CPU on 2M-entry blocks than with
+    a 1 MiB threshold), larger ones are mmapped and returned when freed, and ``_trim_heap`` after
+    each tensor gives the heap's free pages back, so peak RSS tracks the tensors in flight."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+
+
+def _trim_heap() -> None:
+    """Return the heap's free pages to the OS (glibc ``malloc_trim``): buffers under the mmap
+    threshold are reused within a tensor's row blocks, and released once the tensor is done."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -711,9 +721,12 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
             else:
                 sink.write(p.name, out, u.rows[0], axis=p.neuron_axis)
             bar.update(_numel(u) * p.meta.dtype.itemsize)
-            if p.name in groups and u is groups[p.name][-1]:
+            last_block = p.name in groups and u is groups[p.name][-1]
+            if last_block:
                 inputs.release(p.name)
             del out, b, exs
+            if u.rows is None or last_block:
+                _trim_heap()
     seconds["merge"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t0
     counts = {k: sum(1 for p in plan if p.kind == k) for k in ("neuronal", "point", "copy")}

@@ -53,6 +53,8 @@ class MagnitudeSelect:
         if self.n:
             raise RuntimeError("set_band must come before the first add")
         lo, hi = max(0, lo), min(_COARSE_BINS - 1, hi, max(0, lo) + MAX_BAND - 1)
+        if hi < lo:  # a band wholly outside the bins: keep none
+            return
         size = (hi - lo + 1) * _FINE_BINS
         self._band = (lo, hi)
         self._band_counts = torch.zeros(size, dtype=torch.int64, device=self.device)
