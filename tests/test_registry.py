@@ -39,7 +39,7 @@ def test_parameters_come_from_the_signature() -> None:
                               "rank_threshold", "orthogonal_merge", "compat", "weight")
     assert nm.defaults["density"] == 0.2 and nm.defaults["lambda2"] == "auto"
     assert nm.trims and get_method("ties").trims and not get_method("average").trims
-    assert get_method("dare_ties").per_model_params == ("seed",)
+    assert get_method("dare_ties").per_model_params == ("seed", "weight", "drop_rate")
 
 
 def test_validate_fills_defaults_and_checks_values() -> None:

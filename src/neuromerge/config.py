@@ -215,8 +215,23 @@ def load_config(path: str | os.PathLike[str]) -> MergeConfig:
 
 #: Methods whose mergekit ``density`` is DARE's keep probability: drop_rate = 1 − density.
 _DARE_METHODS = ("dare_linear", "dare_ties", "dare_neuromerging")
+#: NeuroMerging takes a mergekit TIES / DARE file with one edit: its merges are means (normalize:
+#: true is what it does) and it scales its two subspaces separately (λ1, λ2), so λ = 1 is a no-op.
+_NEUROMERGING = ("neuromerging", "dare_neuromerging")
 #: Methods whose λ defaults to 0.3 without weights, but to 1 (mergekit's) when weights are given.
 _WEIGHTED_SUMS = ("task_arithmetic", "dare_linear")
+
+
+def _neuromerging_keys(block: dict[str, Any], loc: str) -> None:
+    if block.get("normalize", True) is not True:
+        raise ConfigError(f"{loc}.normalize: NeuroMerging's merges are means (normalize: true); "
+                          f"remove the key")
+    block.pop("normalize", None)
+    if "lambda" in block:
+        if block["lambda"] != 1:
+            raise ConfigError(f"{loc}.lambda: NeuroMerging scales its two subspaces separately: "
+                              f"use lambda1 (parallel) and lambda2 (orthogonal) instead")
+        del block["lambda"]
 
 
 def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
@@ -251,6 +266,8 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
                                   f"supported: give one number, or use tensor_class to copy "
                                   f"tensors from the base")
         block.pop("int8_mask", None)  # mergekit's mask dtype: a memory option, no effect on values
+        if method in _NEUROMERGING:
+            _neuromerging_keys(block, loc)
         if "lambda" in block:
             if "scale" in block:
                 raise ConfigError(f"{loc}: give lambda or scale, not both (they are the same λ)")

@@ -163,7 +163,7 @@ def _agreeing(values: torch.Tensor, sign: torch.Tensor, *, count: bool, inplace:
         agree = (v * sign) > 0  # non-zero and of the elected sign
         total += torch.where(agree, v, 0.0)
         if n is not None:
-            n += agree if weights is None else agree * weights[t]
+            n += agree if weights is None else agree.to(n.dtype) * weights[t]
     return total, n
 
 
