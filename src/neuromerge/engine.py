@@ -219,7 +219,8 @@ _VOCAB_NAMES = re.compile(r"embed|(^|\.)emb(\.|$)|wte|lm_head|word|shared|tok")
 def _shape_hint(name: str, a: TensorMeta, b: TensorMeta) -> str:
     if len(a.shape) == len(b.shape) == 2 and a.shape[1:] == b.shape[1:]:
         if _VOCAB_NAMES.search(name):
-            return " (vocabulary sizes differ: experts must share the base's tokenizer)"
+            return (" (vocabulary sizes differ: set vocab: base to keep the base's tokens, or "
+                    "vocab: union to merge the experts' added tokens too)")
         return " (row counts differ)"
     return " (different architecture?)"
 
