@@ -26,8 +26,9 @@ from neuromerge import __version__
 from neuromerge.examples import make_bert_family
 from neuromerge.io.reader import open_checkpoint
 
-METHODS = ["average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "neuromerging",
-           "dare_neuromerging", "pcb", "breadcrumbs", "consensus_ta", "consensus_ties", "tsv_m",
+METHODS = ["average", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+           "neuromerging", "dare_neuromerging", "pcb", "breadcrumbs", "consensus_ta",
+           "consensus_ties", "tsv_m",
            "iso_c", "iso_cts"]
 DATA_METHODS = ["fisher", "regmean"]  # need per-model statistics: tests/test_statistics.py
 SUPPORT = ["config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
