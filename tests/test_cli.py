@@ -26,8 +26,9 @@ from neuromerge import __version__
 from neuromerge.examples import make_bert_family
 from neuromerge.io.reader import open_checkpoint
 
-METHODS = ["average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "neuromerging",
-           "dare_neuromerging", "pcb", "breadcrumbs", "consensus_ta", "consensus_ties", "tsv_m",
+METHODS = ["average", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+           "neuromerging", "dare_neuromerging", "pcb", "breadcrumbs", "consensus_ta",
+           "consensus_ties", "tsv_m",
            "iso_c", "iso_cts"]
 DATA_METHODS = ["fisher", "regmean"]  # need per-model statistics: tests/test_statistics.py
 SUPPORT = ["config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
@@ -999,8 +1000,8 @@ def test_methods_json(run_cli: Callable[..., tuple[int, str, str]]) -> None:
     assert params["ties"]["trim_scope"]["type"] == "global | tensor"
     assert params["neuromerging"]["lambda2"]["default"] == "auto"
     assert params["task_arithmetic"]["scale"]["default"] == 0.3
-    assert data["dare_ties"]["per_model_parameters"] == ["seed"]
-    assert data["ties"]["per_model_parameters"] == []
+    assert data["dare_ties"]["per_model_parameters"] == ["seed", "weight", "drop_rate"]
+    assert data["ties"]["per_model_parameters"] == ["weight", "density"]
     assert data["ties"]["row_local"] and not data["tsv_m"]["row_local"]
     assert all(m["reference"].startswith("https://") and m["summary"] for m in data.values())
     assert all(p["description"] for m in params.values() for p in m.values())

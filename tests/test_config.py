@@ -23,7 +23,7 @@ def test_minimal_config_and_shorthand_models(tmp_path: Path) -> None:
     assert cfg.merge_method == "ties" and [m.model for m in cfg.models] == ["a", "b"]
     assert cfg.dtype == "float32" and cfg.out_dtype is None and cfg.max_shard_size == "5GB"
     assert cfg.validated_parameters() == {"density": 0.2, "trim_scope": "global",
-                                          "scale": 1.0}
+                                          "scale": 1.0, "weight": 1.0, "normalize": True}
 
 
 @pytest.mark.parametrize(("text", "pattern"), [
@@ -61,9 +61,9 @@ def test_per_model_parameters(tmp_path: Path) -> None:
     text = ("merge_method: dare_ties\nbase_model: b\n"
             "models:\n  - {model: a, parameters: {seed: 3}}\n")
     assert load_config(write(tmp_path, text)).validated_parameters()["drop_rate"] == 0.5
-    bad = text.replace("seed: 3", "weight: 3")
+    bad = text.replace("seed: 3", "rescale: false")
     with pytest.raises(ConfigError,
-                       match=r"models\[0\].parameters: .*per-model parameter 'weight'"):
+                       match=r"models\[0\].parameters: .*per-model parameter 'rescale'"):
         load_config(write(tmp_path, bad)).validated_parameters()
     bad_seed = text.replace("seed: 3", "seed: -1")
     with pytest.raises(ConfigError, match=r"models\[0\].parameters.seed"):

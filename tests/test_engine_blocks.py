@@ -22,7 +22,10 @@ from tests.helpers import toy_statistics
 # threshold, the tie-break sums (trimmed τ, c, orthogonal parts), DARE's random stream.
 CASES = [
     ("average", {}),
+    ("linear", {}),
+    ("linear", {"normalize": False, "weight": 0.5}),
     ("task_arithmetic", {}),
+    ("ties", {"trim_scope": "tensor", "normalize": False, "weight": 0.7}),
     ("ties", {"trim_scope": "tensor"}),
     ("ties", {"trim_scope": "global"}),
     ("ties", {"trim_scope": "tensor", "density": 1.0}),

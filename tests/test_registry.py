@@ -36,16 +36,16 @@ def test_builtin_methods_are_registered_with_references() -> None:
 def test_parameters_come_from_the_signature() -> None:
     nm = get_method("neuromerging")
     assert nm.param_names == ("density", "trim_scope", "lambda1", "lambda2", "lambda_point",
-                              "rank_threshold", "orthogonal_merge", "compat")
+                              "rank_threshold", "orthogonal_merge", "compat", "weight")
     assert nm.defaults["density"] == 0.2 and nm.defaults["lambda2"] == "auto"
     assert nm.trims and get_method("ties").trims and not get_method("average").trims
-    assert get_method("dare_ties").per_model_params == ("seed",)
+    assert get_method("dare_ties").per_model_params == ("seed", "weight", "drop_rate")
 
 
 def test_validate_fills_defaults_and_checks_values() -> None:
     ties = get_method("ties")
     assert ties.validate({"density": 0.5}) == {"density": 0.5, "trim_scope": "global",
-                                               "scale": 1.0}
+                                               "scale": 1.0, "weight": 1.0, "normalize": True}
     with pytest.raises(ConfigError, match=r"unknown parameter 'desnity' for method 'ties'"):
         ties.validate({"desnity": 0.5})
     with pytest.raises(ConfigError, match=r"parameters.density: .*less than or equal to 1"):

@@ -32,8 +32,10 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="HF model folder or .safetensors/.bin file of the expert")
-    parameters: dict[str, Any] = Field(default_factory=dict,
-                                       description="per-model parameters (DARE: seed)")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="per-model parameters: weight, density (TIES-style), drop_rate and seed "
+                    "(DARE); see `neuromerge methods`")
     statistics: str | None = Field(
         None, description="the model's data statistics file, for methods that need one "
                           "(fisher, regmean; written by `neuromerge statistics`)")
@@ -67,6 +69,34 @@ class MergeConfig(BaseModel):
         "error", description="a tensor of the base that an expert lacks: error, or copy it "
                              "from the base")
     max_shard_size: str | int = Field("5GB", description="largest output shard, e.g. 5GB")
+    vocab: Literal["error", "base", "union"] = Field(
+        "error", description="experts whose embeddings / LM head have more rows than the base's "
+                             "(added tokens): error; base: keep the base's vocabulary (rows for "
+                             "added tokens dropped); union: base tokens then the experts' added "
+                             "tokens, rows aligned by token string, the union tokenizer written")
+    tokenizer_source: str | None = Field(
+        None, description="mergekit's key: base (= vocab: base), union (= vocab: union), or "
+                          "model:PATH (that model's tokenizer and vocabulary; PATH the base or an "
+                          "expert); null: the base's tokenizer files, vocab as set")
+
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _tokenizer_source(cls, value: str | None) -> str | None:
+        if value is None or value in ("base", "union") or (
+                value.startswith("model:") and len(value) > len("model:")):
+            return value
+        raise ValueError("must be base, union or model:PATH")
+
+    @property
+    def vocab_mode(self) -> str:
+        """The vocabulary rule in effect: ``vocab``, or what ``tokenizer_source`` implies."""
+        if self.tokenizer_source == "union":
+            return "union"
+        if self.tokenizer_source is not None and self.tokenizer_source.startswith("model:"):
+            return "model"
+        if self.tokenizer_source == "base" and self.vocab == "error":
+            return "base"
+        return self.vocab
 
     _root: Path | None = PrivateAttr(default=None)
     _source: str | None = PrivateAttr(default=None)
@@ -138,6 +168,10 @@ def config_from_dict(data: Any, *, source: str = "config", root: Path | None = N
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with merge_method, base_model, models")
     try:
+        data = from_mergekit(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}" if source != "config" else str(exc)) from None
+    try:
         cfg = MergeConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_config_error(exc, source)) from None
@@ -177,3 +211,91 @@ def load_config(path: str | os.PathLike[str]) -> MergeConfig:
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{p}: YAML error{where}: {problem}") from None
     return config_from_dict(data, source=str(p), root=p.resolve().parent)
+
+
+#: Methods whose mergekit ``density`` is DARE's keep probability: drop_rate = 1 − density.
+_DARE_METHODS = ("dare_linear", "dare_ties", "dare_neuromerging")
+#: NeuroMerging takes a mergekit TIES / DARE file with one edit: its merges are means (normalize:
+#: true is what it does) and it scales its two subspaces separately (λ1, λ2), so λ = 1 is a no-op.
+_NEUROMERGING = ("neuromerging", "dare_neuromerging")
+#: Methods whose λ defaults to 0.3 without weights, but to 1 (mergekit's) when weights are given.
+_WEIGHTED_SUMS = ("task_arithmetic", "dare_linear")
+
+
+def _neuromerging_keys(block: dict[str, Any], loc: str) -> None:
+    if block.get("normalize", True) is not True:
+        raise ConfigError(f"{loc}.normalize: NeuroMerging's merges are means (normalize: true); "
+                          f"remove the key")
+    block.pop("normalize", None)
+    if "lambda" in block:
+        if block["lambda"] != 1:
+            raise ConfigError(f"{loc}.lambda: NeuroMerging scales its two subspaces separately: "
+                              f"use lambda1 (parallel) and lambda2 (orthogonal) instead")
+        del block["lambda"]
+
+
+def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
+    """A mergekit config rewritten in neuromerge's terms (docs/mergekit.md); a neuromerge config
+    passes unchanged. The input is not modified.
+
+    ``lambda`` → ``scale``; DARE's ``density`` (keep probability) → ``drop_rate = 1 − density``;
+    ``int8_mask`` (a memory option of mergekit's) is dropped; ``linear`` without ``base_model``
+    takes the first model as the base (only its shapes and support files are used); λ defaults
+    to 1 for task_arithmetic / dare_linear when weights are given. Per-layer gradients (lists)
+    and tensor filters (dicts) are refused."""
+    out = dict(data)
+    method = out.get("merge_method")
+    models = out.get("models")
+    entries = [dict(m) if isinstance(m, dict) else m for m in models] if isinstance(
+        models, list) else models
+    where = ["parameters"] + [f"models[{i}].parameters" for i in range(len(entries or []))]
+    blocks = [out.get("parameters")] + [e.get("parameters") if isinstance(e, dict) else None
+                                        for e in (entries or [])]
+    new_blocks = []
+    for loc, block in zip(where, blocks, strict=True):
+        if not isinstance(block, dict):
+            new_blocks.append(block)
+            continue
+        block = dict(block)
+        for key, value in block.items():
+            if isinstance(value, list):
+                raise ConfigError(f"{loc}.{key}: per-layer gradients (lists) are not supported: "
+                                  f"give one number for the whole model")
+            if isinstance(value, dict):
+                raise ConfigError(f"{loc}.{key}: per-tensor filters (mappings) are not "
+                                  f"supported: give one number, or use tensor_class to copy "
+                                  f"tensors from the base")
+        block.pop("int8_mask", None)  # mergekit's mask dtype: a memory option, no effect on values
+        if method in _NEUROMERGING:
+            _neuromerging_keys(block, loc)
+        if "lambda" in block:
+            if "scale" in block:
+                raise ConfigError(f"{loc}: give lambda or scale, not both (they are the same λ)")
+            block["scale"] = block.pop("lambda")
+        if method in _DARE_METHODS and "density" in block:
+            if "drop_rate" in block:
+                raise ConfigError(f"{loc}: give density (mergekit's keep probability) or "
+                                  f"drop_rate, not both")
+            density = block.pop("density")
+            if not isinstance(density, int | float) or not 0 < density <= 1:
+                raise ConfigError(f"{loc}.density: DARE's keep probability must be in (0, 1] "
+                                  f"(got {density!r})")
+            block["drop_rate"] = 1.0 - float(density)
+        new_blocks.append(block)
+    if isinstance(out.get("parameters"), dict):
+        out["parameters"] = new_blocks[0]
+    if isinstance(entries, list):
+        for e, block in zip(entries, new_blocks[1:], strict=True):
+            if isinstance(e, dict) and isinstance(block, dict):
+                e["parameters"] = block
+        out["models"] = entries
+    params = out.get("parameters") if isinstance(out.get("parameters"), dict) else {}
+    weighted = "weight" in params or any(
+        isinstance(b, dict) and "weight" in b for b in new_blocks[1:])
+    if method in _WEIGHTED_SUMS and weighted and "scale" not in params:
+        out["parameters"] = {**params, "scale": 1.0}
+    if method == "linear" and out.get("base_model") is None and isinstance(entries, list) \
+            and entries:
+        first = entries[0]
+        out["base_model"] = first.get("model") if isinstance(first, dict) else first
+    return out

@@ -36,7 +36,7 @@ from neuromerge.architectures import (
 from neuromerge.errors import ConfigError, InputError
 from neuromerge.io.dtypes import NAME_TO_TORCH, dtype_name
 from neuromerge.io.reader import CheckpointReader, StateDictReader, TensorMeta
-from neuromerge.kernels import derive_seed, each_task_vector, keep_count, kth_largest
+from neuromerge.kernels import derive_seed, each_task_vector, keep_count, kth_largest, per_task
 from neuromerge.registry import (
     MergeMethod,
     StatisticsKind,
@@ -229,7 +229,8 @@ _VOCAB_NAMES = re.compile(r"embed|(^|\.)emb(\.|$)|wte|lm_head|word|shared|tok")
 def _shape_hint(name: str, a: TensorMeta, b: TensorMeta) -> str:
     if len(a.shape) == len(b.shape) == 2 and a.shape[1:] == b.shape[1:]:
         if _VOCAB_NAMES.search(name):
-            return " (vocabulary sizes differ: experts must share the base's tokenizer)"
+            return (" (vocabulary sizes differ: set vocab: base to keep the base's tokens, or "
+                    "vocab: union to merge the experts' added tokens too)")
         return " (row counts differ)"
     return " (different architecture?)"
 
@@ -448,40 +449,47 @@ class _Statistics:
         return tuple(out)
 
 
-def compute_trim_stats(units: Sequence[Unit], inputs: _Inputs, *, density: float,
-                       scope: str, progress: bool = False,
+def compute_trim_stats(units: Sequence[Unit], inputs: _Inputs, *,
+                       density: float | Sequence[float], scope: str, progress: bool = False,
                        block_thresholds: dict[str, tuple[float, ...]] | None = None
                        ) -> TrimStats:
-    """Each task's trim threshold (global scope) and L1 mass before/after the trim, streamed.
+    """Each task's trim threshold (global scope) and L1 mass before/after the trim, streamed
+    (``density``: one for every task, or one per task where models set their own).
 
     With the per-tensor scope, the thresholds of tensors merged in row blocks are stored in
     ``block_thresholds`` for the merge pass."""
     merged = [u for u in units if u.plan.kind != "copy"]
     n_tasks = len(inputs.experts)
+    densities = per_task(density, n_tasks)
+    density = densities[0] if len(set(densities)) == 1 else min(densities)
     n = sum(_numel(u) for u in merged)
     total = [0.0] * n_tasks
     kept = [0.0] * n_tasks
     if scope == "global" and density < 1 and n > 0:
-        k = keep_count(density, n)
-        l1, (results,) = select_over(merged, inputs, [k], progress=progress,
-                                     desc=("trim stats 1/2", "trim stats 2/2"))
-        return TrimStats(density, scope, n, k, tuple(r[0] for r in results), tuple(l1),
-                         tuple(r[1] for r in results))
+        # one select pass serves every distinct k; each task reads its own k's result
+        task_ks = [keep_count(d, n) for d in densities]
+        ks = sorted(set(task_ks))
+        l1, per_k = select_over(merged, inputs, ks, progress=progress,
+                                desc=("trim stats 1/2", "trim stats 2/2"))
+        results = [per_k[ks.index(k)][t] for t, k in enumerate(task_ks)]
+        # a task kept whole (density 1) has threshold 0: every entry is kept
+        results = [(0.0, l1[t]) if densities[t] >= 1 else r for t, r in enumerate(results)]
+        return TrimStats(density, scope, n, task_ks[0] if len(ks) == 1 else None,
+                         tuple(r[0] for r in results), tuple(l1), tuple(r[1] for r in results))
     # Per-tensor trim: a tensor's threshold needs all of it, so blocked tensors use the
     # streaming select over their blocks (thresholds kept for the merge), the others a k-th value.
     whole = [u for u in merged if u.rows is None]
     for u, base, experts in _bar(inputs.stream(whole), progress, "trim stats", whole):
-        k_p = keep_count(density, u.plan.meta.numel)
         for t, mags in inputs.task_magnitudes(base, experts):
             l1 = float(mags.sum(dtype=torch.float64))
             total[t] += l1
-            if density >= 1 or mags.numel() == 0:
+            if densities[t] >= 1 or mags.numel() == 0:
                 kept[t] += l1
             else:
-                h = kth_largest(mags, k_p)
+                h = kth_largest(mags, keep_count(densities[t], u.plan.meta.numel))
                 kept[t] += float(mags[mags >= h].sum(dtype=torch.float64))
     for name, group in _by_tensor([u for u in merged if u.rows is not None]):
-        hs, tot, kep = _blocked_tensor_trim(group, inputs, density)
+        hs, tot, kep = _blocked_tensor_trim(group, inputs, densities)
         if hs is not None and block_thresholds is not None:
             block_thresholds[name] = hs
         for t in range(n_tasks):
@@ -560,14 +568,19 @@ def _sample_bands(units: Sequence[Unit], inputs: _Inputs, ks: Sequence[int]
     return bands
 
 
-def _blocked_tensor_trim(group: Sequence[Unit], inputs: _Inputs, density: float
+def _blocked_tensor_trim(group: Sequence[Unit], inputs: _Inputs,
+                         density: float | Sequence[float]
                          ) -> tuple[tuple[float, ...] | None, list[float], list[float]]:
     """Per-task threshold and L1 masses of one tensor's own trim, over its row blocks."""
-    if density >= 1:
+    densities = per_task(density, len(inputs.experts))
+    if all(d >= 1 for d in densities):
         totals = select_over(group, inputs, [])[0]
         return None, totals, list(totals)
-    totals, (results,) = select_over(group, inputs, [keep_count(density,
-                                                                group[0].plan.meta.numel)])
+    task_ks = [keep_count(d, group[0].plan.meta.numel) for d in densities]
+    ks = sorted(set(task_ks))
+    totals, per_k = select_over(group, inputs, ks)
+    results = [(0.0, totals[t]) if densities[t] >= 1 else per_k[ks.index(k)][t]
+               for t, k in enumerate(task_ks)]
     return tuple(r[0] for r in results), totals, [r[1] for r in results]
 
 
@@ -602,6 +615,24 @@ def model_seeds(params: Mapping[str, Any], keys: Sequence[str],
     per_model = per_model or [{} for _ in keys]
     return tuple(int(pm["seed"]) if "seed" in pm else derive_seed(params["seed"], key)
                  for key, pm in zip(keys, per_model, strict=True))
+
+
+def model_values(method: MergeMethod, params: Mapping[str, Any], n_models: int,
+                 per_model: Sequence[Mapping[str, Any]] | None = None
+                 ) -> dict[str, tuple[Any, ...]]:
+    """{parameter: one value per model} for the method's per-model parameters that some model
+    sets (the global value for the others); ``seed`` is handled by :func:`model_seeds`."""
+    per_model = per_model or [{} for _ in range(n_models)]
+    if len(per_model) != n_models:
+        raise ConfigError(f"{len(per_model)} per-model parameter sets for {n_models} models")
+    out: dict[str, tuple[Any, ...]] = {}
+    for key in method.per_model_params:
+        if key == "seed" or not any(key in pm for pm in per_model):
+            continue
+        checked = [method.validate({key: pm[key]}, where=f"models[{i}].parameters")[key]
+                   if key in pm else params[key] for i, pm in enumerate(per_model)]
+        out[key] = tuple(checked)
+    return out
 
 
 def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: MergeMethod,
@@ -664,9 +695,11 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
     stats = None
     seconds: dict[str, float] = {}
     block_thresholds: dict[str, tuple[float, ...]] = {}
-    if method.wants_stats(params):
+    values = model_values(method, params, len(experts), per_model)
+    density = values.get("density", params.get("density", 1.0))
+    if method.wants_stats(params, values.get("density")):
         t1 = time.perf_counter()
-        stats = compute_trim_stats(units, inputs, density=params["density"],
+        stats = compute_trim_stats(units, inputs, density=density,
                                    scope=params["trim_scope"], progress=progress,
                                    block_thresholds=block_thresholds)
         seconds["stats"] = time.perf_counter() - t1
@@ -678,7 +711,7 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
     def merge_unit(u: Unit, b: torch.Tensor, exs: list[torch.Tensor],
                    **ctx_fields: Any) -> torch.Tensor:
         ctx = TensorContext(name=u.plan.name, kind=u.plan.kind, model_seeds=seeds,  # type: ignore[arg-type]
-                            row_offset=u.rows[0] if u.rows else 0,
+                            row_offset=u.rows[0] if u.rows else 0, model_params=values or None,
                             statistics=data_stats.read(u) if data_stats else None,
                             **ctx_fields)
         return method.merge_tensor(inputs.to_compute(b), [e.to(dev) for e in exs], ctx,
@@ -704,7 +737,7 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                 if group is None:
                     fields = {"thresholds": thresholds}
                 elif u is group[0]:
-                    fields = _prepare_blocks(group, inputs, method, resolved, thresholds,
+                    fields = _prepare_blocks(group, inputs, method, density, thresholds,
                                              block_thresholds, merge_unit)
                 out = merge_unit(u, b, exs, **fields).to(p.out_dtype)
                 if not all_finite(out):
@@ -744,7 +777,7 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
 
 
 def _prepare_blocks(segment: Sequence[Unit], inputs: _Inputs, method: MergeMethod,
-                    params: Mapping[str, Any], thresholds: tuple[float, ...] | None,
+                    density: float | Sequence[float], thresholds: tuple[float, ...] | None,
                     block_thresholds: dict[str, tuple[float, ...]],
                     merge_unit: Callable[..., torch.Tensor]) -> dict[str, Any]:
     """What a tensor merged in row blocks needs from all of it: its own trim thresholds (per-
@@ -752,9 +785,9 @@ def _prepare_blocks(segment: Sequence[Unit], inputs: _Inputs, method: MergeMetho
     method over the blocks, each run stopped once it has given its sums (no pass at all when the
     first block asks for none)."""
     name = segment[0].plan.name
-    if (thresholds is None and method.trims and params.get("density", 1) < 1):
+    if thresholds is None and method.trims and min(per_task(density, len(inputs.experts))) < 1:
         if name not in block_thresholds:
-            hs = _blocked_tensor_trim(segment, inputs, params["density"])[0]
+            hs = _blocked_tensor_trim(segment, inputs, density)[0]
             if hs is not None:
                 block_thresholds[name] = hs
         thresholds = block_thresholds.get(name)

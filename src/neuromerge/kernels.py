@@ -88,25 +88,47 @@ def kth_largest(mags: torch.Tensor, k: int) -> float:
     return select.result()[0]
 
 
-def trim(tv: torch.Tensor, density: float, thresholds: Sequence[float] | None = None, *,
-         inplace: bool = False) -> torch.Tensor:
+def per_task(value: float | Sequence[float], n: int) -> tuple[float, ...]:
+    """One value per task: a scalar repeated, or a sequence of exactly ``n`` values."""
+    if isinstance(value, int | float):
+        return (float(value),) * n
+    out = tuple(float(v) for v in value)
+    if len(out) != n:
+        raise ValueError(f"{len(out)} per-model values for {n} task vectors")
+    return out
+
+
+def trim(tv: torch.Tensor, density: float | Sequence[float],
+         thresholds: Sequence[float] | None = None, *, inplace: bool = False) -> torch.Tensor:
     """Keep each task's largest-magnitude entries, zero the rest (TIES step 1).
 
     With ``thresholds`` (one per task, from a model-wide pass) keep |τt| ≥ h_t; without, h_t is the
-    k-th largest |τt| of this tensor, k = ceil(density · numel). Ties at the threshold are kept.
+    k-th largest |τt| of this tensor, k = ceil(density_t · numel) (``density``: one for all tasks
+    or one per task). Ties at the threshold are kept.
     ``inplace`` zeroes entries of ``tv`` itself (one task at a time, to bound memory).
     """
-    if thresholds is None and density >= 1:
+    densities = per_task(density, tv.shape[0])
+    if thresholds is None and all(d >= 1 for d in densities):
         return tv
     if thresholds is not None and len(thresholds) != tv.shape[0]:
         raise ValueError(f"{len(thresholds)} thresholds for {tv.shape[0]} task vectors")
     out = tv if inplace else tv.clone()
-    k = keep_count(density, tv[0].numel())
     for t in range(out.shape[0]):
+        if thresholds is None and densities[t] >= 1:
+            continue
         mags = magnitudes(out[t])
-        h = thresholds[t] if thresholds is not None else kth_largest(mags, k)
+        h = (thresholds[t] if thresholds is not None
+             else kth_largest(mags, keep_count(densities[t], tv[0].numel())))
         out[t].masked_fill_(mags < h, 0)
     return out
+
+
+def weigh(tv: torch.Tensor, weights: Sequence[float] | None) -> torch.Tensor:
+    """τt ← w_t · τt in place (per-model weights, mergekit's ``weight``); ``None``: unchanged."""
+    if weights is not None and any(w != 1 for w in weights):
+        for t, w in enumerate(weights):
+            tv[t].mul_(w)
+    return tv
 
 
 def elect_sign(values: torch.Tensor, *, tensor_fallback: bool = True,
@@ -124,32 +146,36 @@ def elect_sign(values: torch.Tensor, *, tensor_fallback: bool = True,
     return torch.where(s == 0, torch.full_like(s, fallback), s)
 
 
-def _agreeing(values: torch.Tensor, sign: torch.Tensor, *, count: bool, inplace: bool = False
+def _agreeing(values: torch.Tensor, sign: torch.Tensor, *, count: bool, inplace: bool = False,
+              weights: Sequence[float] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Σ over dim 0 of the non-zero entries whose sign agrees with ``sign`` (±1), and (``count``)
-    how many there are. ``inplace`` works in ``values`` itself (destroying it): a few passes and
-    no (T, ...) temporaries; otherwise one task at a time, so the temporaries are one tensor."""
-    if inplace:
+    how many there are, or with ``weights`` the sum of the agreeing tasks' weights. ``inplace``
+    works in ``values`` itself (destroying it): a few passes and no (T, ...) temporaries;
+    otherwise one task at a time, so the temporaries are one tensor."""
+    if inplace and weights is None:
         values.mul_(sign)  # > 0 exactly where non-zero and of the elected sign
         n = (values > 0).sum(dim=0, dtype=values.dtype) if count else None
         return values.clamp_(min=0).sum(dim=0).mul_(sign), n
     total = torch.zeros(sign.shape, dtype=values.dtype, device=values.device)
     n = torch.zeros(sign.shape, dtype=values.dtype, device=values.device) if count else None
-    for v in values:
+    for t, v in enumerate(values):
         agree = (v * sign) > 0  # non-zero and of the elected sign
         total += torch.where(agree, v, 0.0)
         if n is not None:
-            n += agree
+            n += agree if weights is None else agree.to(n.dtype) * weights[t]
     return total, n
 
 
 def disjoint_mean(values: torch.Tensor, sign: torch.Tensor, *,
-                  inplace: bool = False) -> torch.Tensor:
+                  inplace: bool = False, weights: Sequence[float] | None = None) -> torch.Tensor:
     """Mean over dim 0 of the non-zero entries whose sign agrees with ``sign`` (±1); 0 where none
-    do (``inplace``: ``values`` is scratch and is overwritten)."""
-    total, n = _agreeing(values, sign, count=True, inplace=inplace)
+    do (``inplace``: ``values`` is scratch and is overwritten). With ``weights`` (``values``
+    already weighted) the divisor is the sum of the agreeing tasks' weights (mergekit's
+    ``normalize``), left at 1 where that is 0."""
+    total, n = _agreeing(values, sign, count=True, inplace=inplace, weights=weights)
     assert n is not None
-    return total.div_(n.clamp_(min=1))
+    return total.div_(n.masked_fill_(n == 0, 1))
 
 
 def disjoint_sum(values: torch.Tensor, sign: torch.Tensor, *,
@@ -160,13 +186,19 @@ def disjoint_sum(values: torch.Tensor, sign: torch.Tensor, *,
 
 
 def ties_merge(tv: torch.Tensor, whole_sum: float | None = None, *, aggregate: str = "mean",
-               inplace: bool = False) -> torch.Tensor:
+               inplace: bool = False, weights: Sequence[float] | None = None) -> torch.Tensor:
     """Elect + disjoint mean (``aggregate="sum"``: disjoint sum), element-wise, of already-trimmed
-    task vectors (``inplace``: ``tv`` is a scratch copy the caller no longer needs)."""
+    task vectors (``inplace``: ``tv`` is a scratch copy the caller no longer needs).
+
+    ``weights``: the per-task weights ``tv`` was already multiplied by (:func:`weigh`, mergekit's
+    ``weight``); the mean then divides by the sum of the agreeing tasks' weights, not their
+    count (mergekit's ``normalize``)."""
+    if weights is not None and all(w == 1 for w in weights):
+        weights = None
     sign = elect_sign(tv, whole_sum=whole_sum)
     if aggregate == "sum":
         return disjoint_sum(tv, sign, inplace=inplace)
-    return disjoint_mean(tv, sign, inplace=inplace)
+    return disjoint_mean(tv, sign, inplace=inplace, weights=weights)
 
 
 def derive_seed(*parts: object) -> int:
@@ -200,8 +232,9 @@ def uniform_stream(seed: int, offset: int, count: int) -> torch.Tensor:
     return out
 
 
-def dare_drop(tv: torch.Tensor, drop_rate: float, seed: int, offset: int = 0) -> torch.Tensor:
-    """DARE: drop each entry with probability p, rescale survivors by 1/(1 − p).
+def dare_drop(tv: torch.Tensor, drop_rate: float, seed: int, offset: int = 0, *,
+              rescale: bool = True) -> torch.Tensor:
+    """DARE: drop each entry with probability p, rescale survivors by 1/(1 − p) (``rescale``).
 
     The mask comes from ``uniform_stream(seed, offset, numel)``: ``offset`` is the position of
     ``tv``'s first entry in the whole flattened tensor when ``tv`` is a row block of it."""
@@ -209,5 +242,5 @@ def dare_drop(tv: torch.Tensor, drop_rate: float, seed: int, offset: int = 0) ->
         return tv
     keep = (uniform_stream(seed, offset, tv.numel()) >= drop_rate).reshape(tv.shape)
     keep = keep.to(tv.device)
-    return torch.where(keep, tv / (1.0 - drop_rate), torch.zeros((), dtype=tv.dtype,
-                                                                  device=tv.device))
+    kept = tv / (1.0 - drop_rate) if rescale else tv
+    return torch.where(keep, kept, torch.zeros((), dtype=tv.dtype, device=tv.device))

@@ -39,3 +39,15 @@ ConsensusK = Annotated[int, Field(
                       "'selfish' and 'catastrophic' weights, 1 only catastrophic ones, 0 none; "
                       "k > number of tasks keeps none)",
 )]
+
+Weight = Annotated[float, Field(
+    description="w_t, a model's weight: its task vector is multiplied by it (mergekit's "
+                "`weight`; set per model under models[i].parameters, this value is the default)",
+)]
+Normalize = Annotated[bool, Field(
+    description="divide the merged task vector by the sum of the weights (of the models that "
+                "agree with the elected sign, for TIES-style methods), as mergekit's `normalize`",
+)]
+Rescale = Annotated[bool, Field(
+    description="scale DARE's surviving entries by 1/(1-p) (mergekit's `rescale`)",
+)]

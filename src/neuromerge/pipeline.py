@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from neuromerge.io.model_folder import copy_support_files
 from neuromerge.io.reader import CheckpointReader, TensorMeta, fingerprint, open_checkpoint
 from neuromerge.io.writer import OutputFolder, ShardedSafetensorsWriter, parse_size
 from neuromerge.statistics import open_statistics
+from neuromerge.vocab import VocabAlignment, align_vocabularies
 
 
 def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
@@ -79,7 +81,12 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
 
         prints = [fingerprint(r) for r in (base, *experts)]
         arch = read_architecture(base_path)
-        result = run(base, experts, method, params, sink_factory,
+        vocab = _vocab(cfg, base_path, expert_paths, base, experts)
+        aligned = [base, *experts] if vocab is None else vocab.wrap()
+        merge_base, merge_experts = aligned[0], aligned[1:]
+        if vocab is not None and arch.vocab_sizes:
+            arch = dataclasses.replace(arch, vocab_sizes=(vocab.rows,))  # tied copies
+        result = run(merge_base, merge_experts, method, params, sink_factory,
                      model_keys=[e.model for e in cfg.models],
                      per_model=[e.parameters for e in cfg.models],
                      tensor_class=cfg.tensor_class, missing_tensors=cfg.missing_tensors,
@@ -89,6 +96,8 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
                      statistics=statistics or None)
         writer[0].close()
         copy_support_files(base_path, tmp, out_dtype=cfg.out_dtype)
+        if vocab is not None:
+            vocab.write(tmp, base_path)
         as_given = cfg.model_dump(exclude_defaults=False)
         roles = ["base"] + [f"expert {i + 1}" for i in range(len(experts))]
         paths = [cfg.base_model] + [e.model for e in cfg.models]
@@ -142,12 +151,33 @@ def plan_merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str])
             experts.append(open_checkpoint(cfg.resolve_path(e.model)))
             stack.callback(experts[-1].close)
         arch = read_architecture(base_path)
+        vocab = _vocab(cfg, base_path, [cfg.resolve_path(e.model) for e in cfg.models], base,
+                       experts)
+        if vocab is not None:
+            wrapped = vocab.wrap()
+            base, experts = wrapped[0], wrapped[1:]
+            if arch.vocab_sizes:
+                arch = dataclasses.replace(arch, vocab_sizes=(vocab.rows,))
         tied = tied_copies(base, experts, arch)
         plan = build_plan(base, experts, tensor_class=cfg.tensor_class,
                           missing_tensors=cfg.missing_tensors, architecture=arch,
                           neuron_axes=cfg.neuron_axis, omit=tied,
                           out_dtype=NAME_TO_TORCH[cfg.out_dtype] if cfg.out_dtype else None)
     return MergePlan(arch, plan, tied)
+
+
+def _vocab(cfg: MergeConfig, base_path: Path, expert_paths: list[Path],
+           base: CheckpointReader, experts: list[CheckpointReader]) -> VocabAlignment | None:
+    """The vocabulary alignment ``vocab`` / ``tokenizer_source`` ask for, or None."""
+    mode = cfg.vocab_mode
+    if mode == "error":
+        return None
+    model = (cfg.resolve_path(cfg.tokenizer_source[len("model:"):]) if mode == "model"
+             else None)
+    alignment = align_vocabularies(mode, base_path, expert_paths, base, experts, model)
+    log.info("vocab: %s (%d rows; %d added tokens); vocabulary tensors: %s", mode,
+             alignment.rows, len(alignment.added), ", ".join(sorted(alignment.names)) or "none")
+    return alignment
 
 
 def _as_config(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]

@@ -51,6 +51,19 @@ class TensorContext:
     sums: Mapping[str, float] | None = None
     collect: SumCollector | None = None
     statistics: tuple[torch.Tensor, ...] | None = None
+    #: Per-model values of the method's ``per_model_params`` (``models[i].parameters``, the
+    #: global value where a model sets none), one per tensor in ``tensors`` order.
+    model_params: Mapping[str, tuple[Any, ...]] | None = None
+
+    def per_model(self, key: str, value: Any, n: int) -> tuple[Any, ...]:
+        """Model t's value of parameter ``key``: from :attr:`model_params`, else the method's
+        own (global) ``value`` for every model."""
+        if self.model_params is not None and key in self.model_params:
+            values = self.model_params[key]
+            if len(values) != n:
+                raise ValueError(f"{len(values)} per-model {key!r} values for {n} models")
+            return tuple(values)
+        return (value,) * n
 
     def resolved_kind(self, base: torch.Tensor) -> TensorKind:
         if self.kind is not None:
@@ -173,9 +186,12 @@ class MergeMethod:
             raise ConfigError(format_validation_error(exc, where)) from None
         return {name: getattr(model, name) for name in self.param_names}
 
-    def wants_stats(self, params: Mapping[str, Any]) -> bool:
-        """Whether the engine must stream the whole model once before merging."""
-        if self.trims and params.get("trim_scope") == "global" and params.get("density", 1) < 1:
+    def wants_stats(self, params: Mapping[str, Any],
+                    densities: Sequence[float] | None = None) -> bool:
+        """Whether the engine must stream the whole model once before merging (``densities``:
+        the per-model densities, where models set their own)."""
+        lowest = min(densities) if densities else params.get("density", 1)
+        if self.trims and params.get("trim_scope") == "global" and lowest < 1:
             return True
         return bool(self.needs_stats and self.needs_stats(dict(params)))
 
@@ -242,6 +258,10 @@ def merge_method(
         specs = _param_specs(fn)
         if trims and not {"density", "trim_scope"} <= {p.name for p in specs}:
             raise TypeError(f"{name}: trims=True needs 'density' and 'trim_scope' parameters")
+        undeclared = set(per_model_params) - {p.name for p in specs}
+        if undeclared:  # a per-model value is validated against the global parameter's type
+            raise TypeError(f"{name}: per-model parameter {sorted(undeclared)[0]!r} is not a "
+                            f"parameter of the method")
         model = create_model(  # type: ignore[call-overload]
             f"{name}_parameters",
             __config__=ConfigDict(extra="forbid", strict=False),

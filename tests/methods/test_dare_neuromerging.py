@@ -65,4 +65,4 @@ def test_seed_controls_the_drop_and_models_carry_their_own() -> None:
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
     m = get_method("dare_neuromerging")
-    assert m.per_model_params == ("seed",) and m.row_local and not m.trims
+    assert m.per_model_params == ("seed", "weight", "drop_rate") and m.row_local and not m.trims

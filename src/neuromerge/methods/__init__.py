@@ -10,9 +10,9 @@ from neuromerge.methods.neuromerging import dare_neuromerging, neuromerging
 from neuromerge.methods.pcb import pcb
 from neuromerge.methods.regmean import regmean
 from neuromerge.methods.svd import iso_c, iso_cts, tsv_m
-from neuromerge.methods.task_arithmetic import task_arithmetic
+from neuromerge.methods.task_arithmetic import linear, task_arithmetic
 from neuromerge.methods.ties import ties
 
 __all__ = ["average", "breadcrumbs", "consensus_ta", "consensus_ties", "dare_linear",
-           "dare_neuromerging", "dare_ties", "fisher", "iso_c", "iso_cts", "neuromerging",
+           "dare_neuromerging", "dare_ties", "fisher", "iso_c", "iso_cts", "linear", "neuromerging",
            "pcb", "regmean", "task_arithmetic", "ties", "tsv_m"]

@@ -8,49 +8,78 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from neuromerge.kernels import dare_drop, derive_seed, task_vectors, ties_merge
-from neuromerge.params import DropRate, Seed
+from neuromerge.kernels import dare_drop, derive_seed, per_task, task_vectors, ties_merge, weigh
+from neuromerge.params import DropRate, Normalize, Rescale, Seed, Weight
 from neuromerge.registry import TensorContext, merge_method
 
 _REFERENCE = "https://arxiv.org/abs/2311.03099"
 
 
-def dropped_task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], drop_rate: float,
-                         seed: int, ctx: TensorContext) -> torch.Tensor:
-    """τ̃t = mask_t ⊙ τt / (1 − p), mask_t ~ Bernoulli(1 − p) from model t's own seeded stream."""
+def dropped_task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor],
+                         drop_rate: float | Sequence[float], seed: int, ctx: TensorContext, *,
+                         rescale: bool = True) -> torch.Tensor:
+    """τ̃t = mask_t ⊙ τt / (1 − p_t), mask_t ~ Bernoulli(1 − p_t) from model t's own seeded
+    stream (``drop_rate``: one p for all, or one per model; ``rescale=False``: no 1/(1 − p_t))."""
     tv = task_vectors(base, tensors, base.dtype)
     seeds = ctx.model_seeds or tuple(derive_seed(seed, i) for i in range(len(tensors)))
+    rates = per_task(drop_rate, len(tensors))
     offset = ctx.row_offset * (tv[0][0].numel() if tv.dim() > 1 else 1)
     for t in range(tv.shape[0]):
-        tv[t] = dare_drop(tv[t], drop_rate, derive_seed(seeds[t], ctx.name), offset)
+        tv[t] = dare_drop(tv[t], rates[t], derive_seed(seeds[t], ctx.name), offset,
+                          rescale=rescale)
     return tv
 
 
-@merge_method(name="dare_linear", reference_url=_REFERENCE, per_model_params=("seed",))
+def _dropped(base: torch.Tensor, tensors: Sequence[torch.Tensor], drop_rate: float, seed: int,
+             rescale: bool, ctx: TensorContext) -> torch.Tensor:
+    n = len(tensors)
+    return dropped_task_vectors(base, tensors, ctx.per_model("drop_rate", drop_rate, n), seed,
+                                ctx, rescale=rescale)
+
+
+_PER_MODEL = ("seed", "weight", "drop_rate")
+
+
+@merge_method(name="dare_linear", reference_url=_REFERENCE, per_model_params=_PER_MODEL)
 def dare_linear(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     drop_rate: DropRate = 0.5,
-    scale: Annotated[float, Field(description="λ, the scale of the summed task vectors")] = 0.3,
+    scale: Annotated[float, Field(description="λ, the scale of the summed task vectors "
+                                              "(1 when models set a weight)")] = 0.3,
     seed: Seed = 0,
+    weight: Weight = 1.0,
+    rescale: Rescale = True,
+    normalize: Normalize = False,
     ctx: TensorContext = TensorContext(),
 ) -> torch.Tensor:
-    """DARE then task arithmetic: θ = θ0 + λ · Σt τ̃t.
+    """DARE then task arithmetic: θ = θ0 + λ · Σt w_t τ̃t (``normalize``: divided by Σt w_t).
 
     τ̃t = τt ⊙ mt / (1 − p) with mt ~ Bernoulli(1 − p) drawn from model t's seeded stream."""
-    return base + scale * dropped_task_vectors(base, tensors, drop_rate, seed, ctx).sum(dim=0)
+    weights = ctx.per_model("weight", weight, len(tensors))
+    merged = weigh(_dropped(base, tensors, drop_rate, seed, rescale, ctx), weights).sum(dim=0)
+    total = float(sum(weights))
+    if normalize and abs(total) >= 1e-8:  # mergekit leaves a zero-sum unnormalised
+        merged.div_(total)
+    return base + scale * merged
 
 
-@merge_method(name="dare_ties", reference_url=_REFERENCE, per_model_params=("seed",))
+@merge_method(name="dare_ties", reference_url=_REFERENCE, per_model_params=_PER_MODEL)
 def dare_ties(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     drop_rate: DropRate = 0.5,
     scale: Annotated[float, Field(description="λ, the scale of the merged task vector")] = 1.0,
     seed: Seed = 0,
+    weight: Weight = 1.0,
+    rescale: Rescale = True,
+    normalize: Normalize = True,
     ctx: TensorContext = TensorContext(),
 ) -> torch.Tensor:
-    """DARE then TIES' elect + disjoint mean: θ = θ0 + λ · τ̄ over τ̃t = τt ⊙ mt / (1 − p).
+    """DARE then TIES' elect + disjoint mean: θ = θ0 + λ · τ̄ over w_t τ̃t, τ̃t = τt ⊙ mt / (1 − p).
 
-    The random drop replaces TIES' magnitude trim."""
-    tv = dropped_task_vectors(base, tensors, drop_rate, seed, ctx)
+    The random drop replaces TIES' magnitude trim; τ̄ divides by the sum of the agreeing models'
+    weights (without ``normalize``: the disjoint sum)."""
+    weights = ctx.per_model("weight", weight, len(tensors))
+    tv = weigh(_dropped(base, tensors, drop_rate, seed, rescale, ctx), weights)
     return base + scale * ties_merge(tv, whole_sum=ctx.tensor_sum("tv", tv.sum),
-                                      inplace=True)
+                                      aggregate="mean" if normalize else "sum",
+                                      weights=weights, inplace=True)

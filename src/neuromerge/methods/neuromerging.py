@@ -10,9 +10,9 @@ from typing import Annotated, Any, Literal, NamedTuple
 import torch
 from pydantic import Field
 
-from neuromerge.kernels import disjoint_mean, elect_sign, task_vectors, ties_merge, trim
+from neuromerge.kernels import disjoint_mean, elect_sign, task_vectors, ties_merge, trim, weigh
 from neuromerge.methods.dare import dropped_task_vectors
-from neuromerge.params import Density, DropRate, Seed, TrimScope
+from neuromerge.params import Density, DropRate, Seed, TrimScope, Weight
 from neuromerge.registry import TensorContext, TrimStats, merge_method
 
 # Directions whose singular value is below this share of the row's largest are numerically null:
@@ -245,6 +245,7 @@ def merge_sparse_task_vectors(base: torch.Tensor, tv: torch.Tensor, ctx: TensorC
 @merge_method(
     name="neuromerging", reference_url="https://arxiv.org/abs/2503.05320", trims=True,
     resolve=_resolve, needs_stats=lambda p: p["lambda2"] == "auto",
+    per_model_params=("weight", "density"),
 )
 def neuromerging(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
@@ -258,15 +259,19 @@ def neuromerging(
     rank_threshold: RankThreshold = 1.0,
     orthogonal_merge: OrthogonalMerge = "svd",
     compat: Compat = "spec",
+    weight: Weight = 1.0,
     ctx: TensorContext = TensorContext(),
 ) -> torch.Tensor:
     """Neuron-subspace merging: θ = θ0 + λ1 · P + λ2 · O for neuronal tensors.
 
     Each trimmed task-vector row τtᵏ splits into c_tᵏ · w0ᵏ (parallel to the pretrained neuron)
     and τ⊥ = τtᵏ − c_tᵏ w0ᵏ. P merges the c by TIES elect + disjoint mean; O merges the τ⊥ by
-    TIES in each neuron's SVD frame. Point tensors: θ0 + λ_point · TIES(τ̂)."""
-    tv = trim(task_vectors(base, tensors, base.dtype), density, ctx.thresholds,
-              inplace=True)
+    TIES in each neuron's SVD frame. Point tensors: θ0 + λ_point · TIES(τ̂). A model's
+    ``weight`` w_t scales its trimmed task vector, w_t · τ̂t, before it is split."""
+    n = len(tensors)
+    tv = trim(task_vectors(base, tensors, base.dtype), ctx.per_model("density", density, n),
+              ctx.thresholds, inplace=True)
+    weigh(tv, ctx.per_model("weight", weight, n))
     return merge_sparse_task_vectors(
         base, tv, ctx, lambda1=lambda1, lambda2=lambda2, lambda_point=lambda_point,
         rank_threshold=rank_threshold, orthogonal_merge=orthogonal_merge, compat=compat)
@@ -280,7 +285,7 @@ def _resolve_dare(params: dict[str, Any], stats: TrimStats | None) -> dict[str, 
 
 @merge_method(
     name="dare_neuromerging", reference_url="https://arxiv.org/abs/2503.05320",
-    per_model_params=("seed",), resolve=_resolve_dare,
+    per_model_params=("seed", "weight", "drop_rate"), resolve=_resolve_dare,
 )
 def dare_neuromerging(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
@@ -295,6 +300,7 @@ def dare_neuromerging(
     rank_threshold: RankThreshold = 1.0,
     orthogonal_merge: OrthogonalMerge = "svd",
     compat: Compat = "spec",
+    weight: Weight = 1.0,
     ctx: TensorContext = TensorContext(),
 ) -> torch.Tensor:
     """DARE + NeuroMerging: θ = θ0 + λ1 · P + λ2 · O over DARE-sparsified τ̃t = τt ⊙ mt / (1 − p).
@@ -309,7 +315,9 @@ def dare_neuromerging(
     back, whereas the survivors of a DARE drop are already scaled by 1/(1 − p), so E‖τ̃t‖₁ =
     ‖τt‖₁ (σ = 0 in expectation). Defaults: p = 0.5, as `dare_linear`/`dare_ties` (DARE's usual
     choice); λ1 = 0 as NeuroMerging without validation data. Row-local, like both parts."""
-    tv = dropped_task_vectors(base, tensors, drop_rate, seed, ctx)
+    n = len(tensors)
+    tv = dropped_task_vectors(base, tensors, ctx.per_model("drop_rate", drop_rate, n), seed, ctx)
+    weigh(tv, ctx.per_model("weight", weight, n))
     return merge_sparse_task_vectors(
         base, tv, ctx, lambda1=lambda1, lambda2=float(lambda2), lambda_point=(
             float(lambda2) if lambda_point is None else lambda_point),
