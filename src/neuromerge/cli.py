@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dry-run", action="store_true",
                    help="print the plan (each tensor's kind and neuron axis, read from the "
                         "base's config.json and the config) and write nothing")
+    m.add_argument("--save-lora", type=int, default=None, metavar="RANK",
+                   help="also write the merged delta as a PEFT LoRA adapter of rank RANK to "
+                        "OUT_DIR/lora (truncated SVD of each 2-D weight's delta; the relative "
+                        "error of each is printed and kept in neuromerge_result.json)")
     m.add_argument("--no-read-ahead", dest="read_ahead", action="store_false",
                    help="do not read the next tensor while merging this one (less memory, "
                         "slower)")
@@ -292,11 +296,23 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     result = merge(cfg, args.out_dir, force=args.force, device=args.device,
                    progress=not args.quiet, max_shard_size=args.max_shard_size,
                    overrides=overrides, memory_limit=args.memory_limit,
-                   read_ahead=args.read_ahead)
+                   read_ahead=args.read_ahead, lora_rank=args.save_lora)
     if not args.quiet:
+        if "lora" in result.extra:
+            print(_lora_line(result.extra["lora"], result.output))
         print(f"merged {len(result.model_names)} models with {result.method} into "
               f"{result.output} in {result.seconds['total']:.1f} s")
     return 0
+
+
+def _lora_line(rec: dict[str, Any], out: Any) -> str:
+    errs = rec["relative_errors"]
+    text = (f"LoRA adapter of rank {rec['rank']} in {out}/{rec['path']}: {len(errs)} tensors, "
+            f"relative error of the merged delta max {rec['max_relative_error']:.4g}")
+    if rec["not_encoded"]:
+        text += (f"; {len(rec['not_encoded'])} changed non-2-D tensors are not in it "
+                 f"(see neuromerge_result.json)")
+    return text
 
 
 def _cmd_statistics(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeInt,
+    PositiveInt,
     PrivateAttr,
     ValidationError,
     field_validator,
@@ -31,7 +32,8 @@ class ModelEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="HF model folder or .safetensors/.bin file of the expert")
+    model: str = Field(description="HF model folder, .safetensors/.bin file, or PEFT LoRA "
+                                   "adapter folder (over base_model) of the expert")
     parameters: dict[str, Any] = Field(default_factory=dict,
                                        description="per-model parameters (DARE: seed)")
     statistics: str | None = Field(
@@ -67,6 +69,9 @@ class MergeConfig(BaseModel):
         "error", description="a tensor of the base that an expert lacks: error, or copy it "
                              "from the base")
     max_shard_size: str | int = Field("5GB", description="largest output shard, e.g. 5GB")
+    save_lora: PositiveInt | None = Field(
+        None, description="also write the merged delta as a PEFT LoRA adapter of this rank "
+                          "to OUT_DIR/lora (truncated SVD of each 2-D weight's delta)")
 
     _root: Path | None = PrivateAttr(default=None)
     _source: str | None = PrivateAttr(default=None)
