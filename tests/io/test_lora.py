@@ -219,3 +219,14 @@ def test_missing_factor_and_shape_mismatch(tmp_path: Path) -> None:
     save_file(sd, path)
     with pytest.raises(InputError, match=r"LoRA factors of .* do not fit the base's"):
         LoraExpertReader(open_checkpoint(base), tmp_path / "ad")
+
+
+def test_analyze_reads_lora_experts_as_their_merged_weights(tmp_path: Path) -> None:
+    from neuromerge.analysis import analyze
+
+    base, adapters, fulls = _two_llama_experts(tmp_path)
+    lora = analyze(base, adapters, names=["a", "b"], progress=False).summary["overall"]
+    full = analyze(base, fulls, names=["a", "b"], progress=False).summary["overall"]
+    assert lora["energy"]["parallel_share"] == pytest.approx(full["energy"]["parallel_share"],
+                                                             rel=1e-4)
+    assert lora["energy"]["orthogonal_share"][0] > 0
