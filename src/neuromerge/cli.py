@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dry-run", action="store_true",
                    help="print the plan (each tensor's kind and neuron axis, read from the "
                         "base's config.json and the config) and write nothing")
+    m.add_argument("--save-lora", type=int, default=None, metavar="RANK",
+                   help="also write the merged delta as a PEFT LoRA adapter of rank RANK to "
+                        "OUT_DIR/lora (truncated SVD of each 2-D weight's delta; the relative "
+                        "error of each is printed and kept in neuromerge_result.json)")
     m.add_argument("--no-read-ahead", dest="read_ahead", action="store_false",
                    help="do not read the next tensor while merging this one (less memory, "
                         "slower)")
@@ -241,6 +245,38 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--force", action="store_true", help="replace an existing output file")
     st.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
 
+    ev = sub.add_parser(
+        "eval", help="score a (merged) causal LM with lm-evaluation-harness",
+        description="Evaluate an HF causal-LM folder (a merged model, or any other) on "
+                    "lm-evaluation-harness tasks through its Python API (model type hf): the "
+                    "standard tasks (gsm8k, humaneval, cmmlu, mmlu, ...; datasets come from the "
+                    "HF hub) or task YAMLs of your own in --include-path. Needs the eval extra: "
+                    "pip install 'neuromerge[eval]'.",
+        epilog="example:\n  neuromerge eval ./merged --tasks gsm8k,cmmlu --device cuda "
+               "--batch-size auto --out scores.json\n  neuromerge eval ./merged --tasks "
+               "my_task --include-path ./tasks --limit 100\n(humaneval runs model-written "
+               "code: lm_eval asks for HF_ALLOW_CODE_EVAL=1 and --confirm_run_unsafe_code, "
+               "which this command does not pass; use lm_eval itself for it)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("model", metavar="MODEL_DIR", help="HF causal-LM folder")
+    ev.add_argument("--tasks", required=True, metavar="T1,T2",
+                    help="lm_eval task or group names, comma-separated")
+    ev.add_argument("--include-path", default=None, metavar="DIR",
+                    help="a folder of extra task YAML files")
+    ev.add_argument("--limit", default=None, metavar="N",
+                    help="score only the first N examples of each task (or a fraction: 0.1)")
+    ev.add_argument("--num-fewshot", type=int, default=None, metavar="K",
+                    help="few-shot examples per prompt (default: each task's own)")
+    ev.add_argument("--batch-size", default="8", metavar="B",
+                    help="batch size, or auto (default: 8)")
+    ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, mps (default: cpu)")
+    ev.add_argument("--dtype", default="auto",
+                    help="model dtype: auto (the folder's), float32, bfloat16, float16")
+    ev.add_argument("--out", default=None, metavar="FILE.json",
+                    help="write lm_eval's results (scores, task configs, versions) here")
+    ev.add_argument("--force", action="store_true", help="replace an existing --out file")
+    ev.add_argument("--quiet", "-q", action="store_true", help="only the table")
+
     d = sub.add_parser(
         "demo", help="merge generated example checkpoints with every method and report",
         description="Generate a tiny random BERT and three experts fine-tuned from it by known "
@@ -271,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_analyze(args)
         if args.command == "statistics":
             return _cmd_statistics(args)
+        if args.command == "eval":
+            return _cmd_eval(args)
         if args.command == "demo":
             from neuromerge.demo import run_demo
 
@@ -316,11 +354,48 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     result = merge(cfg, args.out_dir, force=args.force, device=args.device,
                    progress=not args.quiet, max_shard_size=args.max_shard_size,
                    overrides=overrides, memory_limit=args.memory_limit,
-                   read_ahead=args.read_ahead)
+                   read_ahead=args.read_ahead, lora_rank=args.save_lora)
     if not args.quiet:
+        if "lora" in result.extra:
+            print(_lora_line(result.extra["lora"], result.output))
         print(f"merged {len(result.model_names)} models with {result.method} into "
               f"{result.output} in {result.seconds['total']:.1f} s")
     return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from neuromerge.errors import ConfigError
+    from neuromerge.evaluate import evaluate, parse_limit, results_table
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    batch: int | str = args.batch_size
+    if batch != "auto":
+        try:
+            batch = int(batch)
+        except ValueError:
+            raise ConfigError(f"--batch-size: expected a number or auto, got {batch!r}") from None
+        if batch < 1:
+            raise ConfigError(f"--batch-size must be at least 1 (got {batch})")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ConfigError(f"--num-fewshot must be at least 0 (got {args.num_fewshot})")
+    results = evaluate(args.model, tasks, include_path=args.include_path,
+                       limit=parse_limit(args.limit), num_fewshot=args.num_fewshot,
+                       batch_size=batch, device=args.device, dtype=args.dtype, out=args.out,
+                       force=args.force)
+    print(results_table(results))
+    if args.out and not args.quiet:
+        print(f"results in {args.out}")
+    return 0
+
+
+def _lora_line(rec: dict[str, Any], out: Any) -> str:
+    errs = rec["relative_errors"]
+    text = (f"LoRA adapter of rank {rec['rank']} in {out}/{rec['path']}: {len(errs)} tensors, "
+            f"relative error of the merged delta max {rec['max_relative_error']:.4g}")
+    if rec["not_encoded"]:
+        text += (f"; {len(rec['not_encoded'])} changed non-2-D tensors are not in it "
+                 f"(see neuromerge_result.json)")
+    return text
 
 
 def _cmd_statistics(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeInt,
+    PositiveInt,
     PrivateAttr,
     ValidationError,
     field_validator,
@@ -31,7 +32,8 @@ class ModelEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="HF model folder or .safetensors/.bin file of the expert")
+    model: str = Field(description="HF model folder, .safetensors/.bin file, or PEFT LoRA "
+                                   "adapter folder (over base_model) of the expert")
     parameters: dict[str, Any] = Field(
         default_factory=dict,
         description="per-model parameters: weight, density (TIES-style), drop_rate and seed "
@@ -97,6 +99,9 @@ class MergeConfig(BaseModel):
         if self.tokenizer_source == "base" and self.vocab == "error":
             return "base"
         return self.vocab
+    save_lora: PositiveInt | None = Field(
+        None, description="also write the merged delta as a PEFT LoRA adapter of this rank "
+                          "to OUT_DIR/lora (truncated SVD of each 2-D weight's delta)")
 
     _root: Path | None = PrivateAttr(default=None)
     _source: str | None = PrivateAttr(default=None)

@@ -17,9 +17,10 @@ from neuromerge import __version__
 from neuromerge.architectures import Architecture, read_architecture, tied_copies
 from neuromerge.config import MergeConfig, config_from_dict, load_config
 from neuromerge.engine import MergeResult, TensorPlan, build_plan, log, run
-from neuromerge.errors import OutputError
+from neuromerge.errors import ConfigError, InputError, OutputError
 from neuromerge.io.card import input_record, model_card
 from neuromerge.io.dtypes import NAME_TO_TORCH, dtype_name
+from neuromerge.io.lora import is_adapter_folder, open_expert, write_lora
 from neuromerge.io.model_folder import copy_support_files
 from neuromerge.io.reader import CheckpointReader, TensorMeta, fingerprint, open_checkpoint
 from neuromerge.io.writer import OutputFolder, ShardedSafetensorsWriter, parse_size
@@ -31,7 +32,8 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
           out_dir: str | os.PathLike[str], *, force: bool = False, device: str = "cpu",
           progress: bool = True, max_shard_size: str | int | None = None,
           overrides: Mapping[str, Any] | None = None,
-          memory_limit: str | int | None = None, read_ahead: bool = True) -> MergeResult:
+          memory_limit: str | int | None = None, read_ahead: bool = True,
+          lora_rank: int | None = None) -> MergeResult:
     """Merge the models a config names and write an HF model folder to ``out_dir``.
 
     ``config`` is a :class:`MergeConfig`, a dict of the YAML's content, or a YAML path.
@@ -39,6 +41,9 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
     when complete; an existing ``out_dir`` is replaced only with ``force``.
     ``memory_limit`` (``"8GB"`` or bytes) bounds the whole process's memory: tensors that do not
     fit are merged in row blocks.
+    Experts may be PEFT LoRA adapter folders (formed over the base tensor by tensor).
+    ``lora_rank`` (or the config's ``save_lora``) also writes the merged delta as a LoRA adapter
+    of that rank to ``out_dir/lora`` (truncated SVD; errors in the merge record).
     """
     cfg = _as_config(config)
     if overrides:
@@ -48,6 +53,9 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
     shard_size = parse_size(max_shard_size if max_shard_size is not None else cfg.max_shard_size)
     limit = None if memory_limit is None else parse_size(memory_limit, what="--memory-limit")
     out = Path(out_dir)
+    rank = lora_rank if lora_rank is not None else cfg.save_lora
+    if rank is not None and rank < 1:
+        raise ConfigError(f"--save-lora: the LoRA rank must be at least 1 (got {rank})")
 
     base_path = cfg.resolve_path(cfg.base_model)
     expert_paths = [cfg.resolve_path(e.model) for e in cfg.models]
@@ -55,11 +63,11 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
                   if method.needs else [])
 
     with contextlib.ExitStack() as stack:
-        base = open_checkpoint(base_path)  # headers only: cheap, and errors come early
+        base = _open_base(base_path)  # headers only: cheap, and errors come early
         stack.callback(base.close)
         experts: list[CheckpointReader] = []
         for p in expert_paths:
-            experts.append(open_checkpoint(p))
+            experts.append(open_expert(p, base_path))
             stack.callback(experts[-1].close)
         statistics = []
         for e, p in zip(cfg.models, stat_paths, strict=False):
@@ -95,6 +103,8 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
                      architecture=arch, neuron_axes=cfg.neuron_axis,
                      statistics=statistics or None)
         writer[0].close()
+        if rank is not None:
+            result.extra["lora"] = _save_lora(base, tmp, rank, arch, cfg.base_model, out)
         copy_support_files(base_path, tmp, out_dtype=cfg.out_dtype)
         if vocab is not None:
             vocab.write(tmp, base_path)
@@ -144,11 +154,11 @@ def plan_merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str])
     cfg = _as_config(config)
     base_path = cfg.resolve_path(cfg.base_model)
     with contextlib.ExitStack() as stack:
-        base = open_checkpoint(base_path)
+        base = _open_base(base_path)
         stack.callback(base.close)
         experts: list[CheckpointReader] = []
         for e in cfg.models:
-            experts.append(open_checkpoint(cfg.resolve_path(e.model)))
+            experts.append(open_expert(cfg.resolve_path(e.model), base_path))
             stack.callback(experts[-1].close)
         arch = read_architecture(base_path)
         vocab = _vocab(cfg, base_path, [cfg.resolve_path(e.model) for e in cfg.models], base,
@@ -178,6 +188,30 @@ def _vocab(cfg: MergeConfig, base_path: Path, expert_paths: list[Path],
     log.info("vocab: %s (%d rows; %d added tokens); vocabulary tensors: %s", mode,
              alignment.rows, len(alignment.added), ", ".join(sorted(alignment.names)) or "none")
     return alignment
+
+
+def _open_base(path: Path) -> CheckpointReader:
+    if is_adapter_folder(path):
+        raise InputError(f"{path}: base_model is a LoRA adapter folder; the base must be the "
+                         f"full pretrained model (adapters go under models)")
+    return open_checkpoint(path)
+
+
+def _save_lora(base: CheckpointReader, folder: Path, rank: int, arch: Architecture,
+               base_name: str, out: Path) -> dict[str, Any]:
+    """The merged model just written to ``folder``, as a LoRA adapter in ``folder/lora``."""
+    merged = open_checkpoint(folder)
+    try:
+        conv1d = {n for n in merged.names() if arch.column_neurons(n, merged.meta(n))}
+        report = write_lora(base, merged, folder / "lora", rank, conv1d=conv1d,
+                            base_name=base_name)
+    finally:
+        merged.close()
+    report.path = str(out / "lora")  # where it will be once the folder is renamed into place
+    log.info("%s", report.summary())
+    rec = report.record()
+    rec["path"] = "lora"
+    return rec
 
 
 def _as_config(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]
@@ -230,6 +264,7 @@ def _write_record(folder: Path, config: Mapping[str, Any], result: MergeResult,
         "architecture": result.extra.get("architecture"),
         "neuron_axes": result.extra.get("neuron_axes", {}),
         "tied": result.extra.get("tied", {}),
+        "lora": result.extra.get("lora"),
     }
     (folder / "neuromerge_result.json").write_text(json.dumps(record, indent=2) + "\n")
 

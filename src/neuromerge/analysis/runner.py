@@ -44,6 +44,7 @@ from neuromerge.engine import (
     select_over,
 )
 from neuromerge.errors import ConfigError
+from neuromerge.io.lora import LoraExpertReader, is_adapter_folder
 from neuromerge.io.reader import CheckpointReader, StateDictReader, open_checkpoint
 from neuromerge.io.writer import OutputFolder, parse_size
 from neuromerge.kernels import keep_count, task_vectors, trim
@@ -110,7 +111,7 @@ def analyze(base: Source, experts: Sequence[Source] | Mapping[str, Source],
         stack.callback(base_r.close)
         readers: list[CheckpointReader] = []
         for i, src in enumerate(sources):
-            readers.append(_open(src, f"expert {i + 1}"))
+            readers.append(_open(src, f"expert {i + 1}", base))
             stack.callback(readers[-1].close)
         tasks = _task_names(given, sources)
         folder = None
@@ -269,9 +270,11 @@ def _check_densities(densities: Sequence[float], conflict_density: float) -> lis
     return sorted({float(d) for d in values})
 
 
-def _open(source: Source, role: str) -> CheckpointReader:
+def _open(source: Source, role: str, base: Source | None = None) -> CheckpointReader:
     if isinstance(source, Mapping):
         return StateDictReader(source, role)
+    if base is not None and not isinstance(base, Mapping) and is_adapter_folder(source):
+        return LoraExpertReader(open_checkpoint(base), source)  # a LoRA expert over the base
     return open_checkpoint(source)
 
 
