@@ -19,7 +19,6 @@ NeuroMerging decomposes each neuron's task vector; the engine hands every method
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,8 +27,8 @@ from typing import Any
 
 import torch
 
-from neuromerge.errors import ConfigError, InputError
-from neuromerge.io.reader import CheckpointReader, TensorMeta
+from neuromerge.errors import ConfigError
+from neuromerge.io.reader import CheckpointReader, TensorMeta, read_json_object
 
 #: Model types whose ``transformers`` implementation stores weights in ``Conv1D`` (in, out)
 #: (checked against the modules of tiny instances in tests/test_architectures.py).
@@ -112,13 +111,7 @@ def read_architecture(path: str | Path) -> Architecture:
     cfg = Path(path) / "config.json"
     if not Path(path).is_dir() or not cfg.is_file():
         return UNKNOWN
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{cfg}: unreadable config.json ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{cfg}: not a JSON object")
-    return from_config(data, str(cfg))
+    return from_config(read_json_object(cfg, "config.json"), str(cfg))
 
 
 def neuron_axis(name: str, meta: TensorMeta, arch: Architecture,

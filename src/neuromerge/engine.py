@@ -125,7 +125,12 @@ def _return_freed_tensors_to_the_os() -> None:
     each tensor gives the heap's free pages back, so peak RSS tracks the tensors in flight."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+            _libc().mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL("libc.so.6")  # once: _trim_heap runs after every tensor
 
 
 def _trim_heap() -> None:
@@ -133,7 +138,7 @@ def _trim_heap() -> None:
     threshold are reused within a tensor's row blocks, and released once the tensor is done."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            _libc().malloc_trim(0)
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -4,8 +4,8 @@ equal direct merges, the task subsets are deterministic, and a rerun recomputes 
 
 from __future__ import annotations
 
+import functools
 import json
-import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,22 +32,10 @@ from neuromerge.bench.evaluate import load_body
 from neuromerge.bench.runner import Profile, open_bench
 from neuromerge.bench.train import TrainConfig
 from neuromerge.errors import ConfigError
-from tests.bench.test_runner import DS, WORDS, splits, tiny_base  # noqa: F401 (fixture)
+from tests.bench.test_runner import splits, tiny_base  # noqa: F401 (fixture)
+from tests.bench.test_runner import synthetic as runner_synthetic
 
-CUES = {"alpha": ["water", "home"], "beta": ["good", "time"], "gamma": ["red", "blue", "green"]}
-
-
-def synthetic(task: str, n: int = 150) -> DS:
-    rng = random.Random(task)
-    cues = CUES[task]
-    texts, labels = [], []
-    for i in range(n):
-        y = i % len(cues)
-        words = rng.choices(WORDS, k=6)
-        words.insert(rng.randrange(7), cues[y])
-        texts.append(" ".join(words))
-        labels.append(y)
-    return DS(texts, labels, cues)
+synthetic = functools.partial(runner_synthetic, n=150)
 
 
 PROFILE = Profile("test", ("alpha", "beta", "gamma"), (0,), n_train=90, n_val=30, n_test=30,

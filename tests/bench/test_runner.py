@@ -29,9 +29,12 @@ class DS:
     label_names: list[str]
 
 
+CUES = {"alpha": ["water", "home"], "beta": ["good", "time"], "gamma": ["red", "blue", "green"]}
+
+
 def synthetic(task: str, n: int = 160) -> DS:
     """'keyword' tasks a tiny model learns in a few steps: the label is which cue word occurs."""
-    cues = {"alpha": ["water", "home"], "beta": ["good", "time"]}[task]
+    cues = CUES[task]
     rng = random.Random(task)
     texts, labels = [], []
     for i in range(n):

@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from neuromerge.bench.evaluate import load_body
+from neuromerge.bench.report import lambda_heatmap
 from neuromerge.bench.runner import Bench, SeedData, _combine, _key, bench_meta, open_bench
 from neuromerge.errors import ConfigError
 from neuromerge.registry import get_method
@@ -499,16 +500,8 @@ def plots(summary: Mapping[str, Any], out: Path) -> list[str]:
         for ax, sp in zip(axes[0], have, strict=True):
             grid = [[100 * next(r for r in rows if r["lambda1"] == a and r["lambda2"] == c)[sp][
                 "mean"] for c in l2s] for a in l1s]
-            im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
-            ax.set_xticks(range(len(l2s)), [_lam(x) for x in l2s])
-            ax.set_yticks(range(len(l1s)), [_lam(x) for x in l1s])
-            ax.set_xlabel("λ2 (orthogonal subspace)")
-            ax.set_ylabel("λ1 (parallel subspace)")
-            for i, row in enumerate(grid):
-                for j, v in enumerate(row):
-                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w", fontsize=8)
-            ax.set_title(f"mean {sp} accuracy (%)")
-            fig.colorbar(im, ax=ax)
+            lambda_heatmap(fig, ax, grid, [_lam(x) for x in l1s], [_lam(x) for x in l2s],
+                           f"mean {sp} accuracy (%)")
         fig.tight_layout()
         fig.savefig(out / "subspaces.png", dpi=110)
         plt.close(fig)

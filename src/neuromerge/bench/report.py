@@ -141,6 +141,21 @@ def write_report(records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any], 
     return {"summary": summary, "markdown": table_md, "meta": meta}
 
 
+def lambda_heatmap(fig: Any, ax: Any, grid: Sequence[Sequence[float]], l1_labels: Sequence[str],
+                   l2_labels: Sequence[str], title: str) -> None:
+    """Accuracy (%) over a λ1 (rows) × λ2 (columns) grid, each cell annotated."""
+    im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+    ax.set_xticks(range(len(l2_labels)), list(l2_labels))
+    ax.set_yticks(range(len(l1_labels)), list(l1_labels))
+    ax.set_xlabel("λ2 (orthogonal subspace)")
+    ax.set_ylabel("λ1 (parallel subspace)")
+    for i, row in enumerate(grid):
+        for j, val in enumerate(row):
+            ax.text(j, i, f"{val:.1f}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+
+
 def _plots(summary: Mapping[str, Any], recs: Sequence[Mapping[str, Any]], tasks: Sequence[str],
            modes: Sequence[str], out: Path) -> None:
     try:
@@ -186,16 +201,8 @@ def _plots(summary: Mapping[str, Any], recs: Sequence[Mapping[str, Any]], tasks:
         grid = [[100 * statistics.fmean(cells[(a, b)]) if (a, b) in cells else float("nan")
                  for b in l2s] for a in l1s]
         fig, ax = plt.subplots(figsize=(1.1 * len(l2s) + 2, 0.8 * len(l1s) + 1.5))
-        im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
-        ax.set_xticks(range(len(l2s)), [str(b) for b in l2s])
-        ax.set_yticks(range(len(l1s)), [str(a) for a in l1s])
-        ax.set_xlabel("λ2 (orthogonal subspace)")
-        ax.set_ylabel("λ1 (parallel subspace)")
-        for i, row in enumerate(grid):
-            for j, val in enumerate(row):
-                ax.text(j, i, f"{val:.1f}", ha="center", va="center", color="w", fontsize=8)
-        ax.set_title(f"NeuroMerging mean validation accuracy (%), density {best}")
-        fig.colorbar(im, ax=ax)
+        lambda_heatmap(fig, ax, grid, [str(a) for a in l1s], [str(b) for b in l2s],
+                       f"NeuroMerging mean validation accuracy (%), density {best}")
         fig.tight_layout()
         fig.savefig(out / "neuromerging_lambda_heatmap.png", dpi=120)
         plt.close(fig)

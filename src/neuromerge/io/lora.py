@@ -32,6 +32,7 @@ from neuromerge.io.reader import (
     TensorMeta,
     TorchBinReader,
     open_checkpoint,
+    read_json_object,
 )
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -58,12 +59,7 @@ def is_adapter_folder(path: str | Path) -> bool:
 
 def _load_adapter_config(folder: Path) -> dict[str, Any]:
     path = folder / ADAPTER_CONFIG
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable adapter config ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"{path}: expected a JSON object")
+    cfg = read_json_object(path, "adapter config")
     kind = str(cfg.get("peft_type", "LORA")).upper()
     if kind != "LORA":
         raise InputError(f"{path}: peft_type {kind} is not supported (only LORA adapters)")
