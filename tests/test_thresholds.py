@@ -9,7 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from neuromerge.kernels import kth_largest
-from neuromerge.thresholds import MAX_BAND, MagnitudeSelect, band_from
+from neuromerge.thresholds import (
+    BAND_BIN_BYTES,
+    MAX_BAND,
+    MagnitudeSelect,
+    band_from,
+    select_bytes,
+)
 
 
 def select(chunks: list[torch.Tensor], k: int) -> tuple[float, float, float]:
@@ -124,6 +130,36 @@ def test_band_from_a_sample_holds_the_threshold() -> None:
         assert 0 <= hi - lo < MAX_BAND
         h = float(values.sort(descending=True).values[k - 1])
         assert lo <= int(torch.tensor([h]).view(torch.int32)) >> 16 <= hi
+
+
+@pytest.mark.parametrize("max_band", [1, 2, 5])
+def test_a_capped_band_is_no_wider_than_the_cap_and_centred_on_the_estimate(max_band: int
+                                                                            ) -> None:
+    """Under a tight memory limit the band is narrower: at most ``max_band`` bins, around the
+    sample's k-th value, and the select stays exact (a miss costs a second pass only)."""
+    gen = torch.Generator().manual_seed(2)
+    values = torch.randn(400_000, generator=gen).abs() * torch.rand(400_000, generator=gen)
+    sample = MagnitudeSelect(track_l1=False)
+    sample.add(values[::61])
+    k = 80_000
+    wide = band_from(sample, k, values.numel())
+    lo, hi = band_from(sample, k, values.numel(), max_band=max_band)
+    assert 0 <= hi - lo < max_band
+    assert wide[0] - 1 <= lo and hi <= wide[1] + 1  # inside the uncapped guess
+    h, kept, _ = banded([values], k, (lo, hi))
+    rh, rkept, _ = reference([values], k)
+    assert h == rh and kept == pytest.approx(rkept, rel=1e-12)
+
+
+def test_select_bytes_covers_what_a_banded_select_allocates() -> None:
+    s = MagnitudeSelect()
+    s.set_band(100, 100 + 3)
+    held = sum(t.numel() * t.element_size()
+               for t in (s.counts, s.sums, s._band_counts, s._band_sums) if t is not None)
+    assert held == 4 * BAND_BIN_BYTES + s.counts.numel() * 16
+    # one select per task plus the transient histograms of one add
+    assert select_bytes(3, 4) == 5 * 4 * BAND_BIN_BYTES + 3 * s.counts.numel() * 16
+    assert select_bytes(3, 4) >= 3 * held
 
 
 def test_kth_largest_matches_a_sort_on_large_tensors() -> None:

@@ -46,7 +46,7 @@ from neuromerge.registry import (
     TrimStats,
     get_method,
 )
-from neuromerge.thresholds import MAX_BAND, MagnitudeSelect, band_from
+from neuromerge.thresholds import MAX_BAND, MagnitudeSelect, band_from, select_bytes
 
 log = logging.getLogger("neuromerge")
 
@@ -116,16 +116,18 @@ class DictSink:
 
 
 @functools.cache
-def _return_freed_tensors_to_the_os() -> None:
+def _return_freed_tensors_to_the_os(threshold: int = 32 << 20) -> None:
     """glibc raises its mmap threshold (up to 32 MB) after each large free; tensor-sized blocks
     then come from the heap, and freed ones stay in the process. A fixed threshold stops that
     drift: buffers up to 32 MB (row blocks' working copies) come from the heap and are reused
     from block to block without page faults (measured: 4x less CPU on 2M-entry blocks than with
     a 1 MiB threshold), larger ones are mmapped and returned when freed, and ``_trim_heap`` after
-    each tensor gives the heap's free pages back, so peak RSS tracks the tensors in flight."""
+    each tensor gives the heap's free pages back, so peak RSS tracks the tensors in flight.
+    Under a memory limit the threshold is lower (a fraction of the budget): every block's buffers
+    are then returned the moment they are freed, at the cost of page faults."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            _libc().mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+            _libc().mallopt(-3, threshold)  # M_MMAP_THRESHOLD
 
 
 @functools.cache
@@ -304,6 +306,9 @@ class _Inputs:
         self.held: set[str] = set()
         # at most two: the one being merged and the next one, read ahead
         self._held: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        #: Coarse bins the trim selects keep at full resolution per task (narrower under a
+        #: tight memory limit: the run's budget plans for them).
+        self.band = MAX_BAND
 
     def _read(self, reader: CheckpointReader, name: str, rows: Rows, axis: int = 0
               ) -> torch.Tensor:
@@ -567,9 +572,9 @@ def _sample_bands(units: Sequence[Unit], inputs: _Inputs, ks: Sequence[int]
     n = sum(_numel(u) for u in units)
     bands: list[tuple[int, int] | None] = []
     for sample in samples:
-        per_k = [band_from(sample, k, n) for k in ks]
+        per_k = [band_from(sample, k, n, max_band=inputs.band) for k in ks]
         lo, hi = min(b[0] for b in per_k), max(b[1] for b in per_k)
-        bands.append((lo, hi) if hi - lo < MAX_BAND else per_k[0])
+        bands.append((lo, hi) if hi - lo < inputs.band else per_k[0])
     return bands
 
 
@@ -662,7 +667,6 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
     available at the start. ``architecture`` (the base's config) and ``neuron_axes`` (glob →
     axis overrides) decide each tensor's neuron axis and which tensors are tied copies."""
     t0 = time.perf_counter()
-    _return_freed_tensors_to_the_os()
     dev = resolve_device(device)
     cdtype = compute_dtype(dtype)
     odtype = NAME_TO_TORCH[out_dtype] if isinstance(out_dtype, str) else out_dtype
@@ -677,6 +681,18 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
     if statistics is not None and len(statistics) != len(experts):
         raise ConfigError(f"{len(statistics)} statistics files for {len(experts)} models")
     budget = memory_budget(memory_limit)
+    band = MAX_BAND
+    if method.trims:
+        # the trim selects' histograms sit beside the tensors in flight; under a limit they may
+        # take a quarter of the budget (a narrower band: a second pass where it misses)
+        if memory_limit is not None:
+            band = max(1, min(MAX_BAND, budget // (4 * select_bytes(len(experts), 1))))
+        budget -= select_bytes(len(experts), band)
+    if memory_limit is not None:
+        budget = max(budget, 8 << 20)
+        _return_freed_tensors_to_the_os(min(32 << 20, max(128 << 10, budget // 32)))
+    else:
+        _return_freed_tensors_to_the_os()
     # a Fisher adds one value per entry and model, as stored and in the compute dtype
     stat_bytes = (len(experts) * (4 + cdtype.itemsize) if method.needs == "fisher" else 0)
     units, held = plan_units(plan, base, experts, budget, cdtype,
@@ -694,7 +710,7 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                  len(blocked), "" if len(blocked) == 1 else "s", _gb(budget),
                  ", ".join(f"{n} ({k} blocks)" for n, k in list(blocked.items())[:3]))
     inputs = _Inputs(base, experts, dev, cdtype, read_ahead=read_ahead)
-    inputs.held = held
+    inputs.held, inputs.band = held, band
     data_stats = (None if method.needs is None or statistics is None else
                   _Statistics(method.needs, statistics, plan, method.name, dev, cdtype))
     stats = None
@@ -708,6 +724,7 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                                    scope=params["trim_scope"], progress=progress,
                                    block_thresholds=block_thresholds)
         seconds["stats"] = time.perf_counter() - t1
+        _trim_heap()  # the selects' histograms
     resolved = method.resolved(dict(params), stats)
     seeds = model_seeds(resolved, model_keys, per_model)
     thresholds = stats.thresholds if (stats and params.get("trim_scope") == "global") else None
@@ -744,6 +761,7 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                 elif u is group[0]:
                     fields = _prepare_blocks(group, inputs, method, density, thresholds,
                                              block_thresholds, merge_unit)
+                    _trim_heap()
                 out = merge_unit(u, b, exs, **fields).to(p.out_dtype)
                 if not all_finite(out):
                     raise InputError(f"tensor {p.name!r}: the merged values are not finite "

@@ -19,10 +19,18 @@ import torch
 
 _COARSE_BINS = 1 << 15  # sign bit is 0 for magnitudes
 _FINE_BINS = 1 << 16
-_CHUNK = 1 << 22  # entries histogrammed at a time
+_CHUNK = 1 << 20  # entries histogrammed at a time (bounds the float64 temporaries: 8 MiB)
 #: Widest band of coarse bins whose fine histograms the first pass keeps (16 bytes per fine bin:
 #: 1 MiB per coarse bin and task).
 MAX_BAND = 16
+#: Bytes per coarse bin of a band (its fine int64 counts and float64 L1 masses).
+BAND_BIN_BYTES = _FINE_BINS * 16
+
+
+def select_bytes(n_tasks: int, band: int) -> int:
+    """Peak bytes of one select per task keeping ``band`` coarse bins at full resolution, with
+    the transient histograms of one ``add`` (the memory budget plans for them)."""
+    return (n_tasks + 2) * band * BAND_BIN_BYTES + n_tasks * _COARSE_BINS * 16
 
 
 class MagnitudeSelect:
@@ -159,11 +167,13 @@ class MagnitudeSelect:
         return threshold, kept
 
 
-def band_from(sample: MagnitudeSelect, k: int, n: int, *, margin: float = 0.1) -> tuple[int, int]:
+def band_from(sample: MagnitudeSelect, k: int, n: int, *, margin: float = 0.1,
+              max_band: int = MAX_BAND) -> tuple[int, int]:
     """The coarse bins likely to hold the k-th largest of ``n`` values, judged from the coarse
     histogram of a sample of them: the bins between the sample's ranks k·(1 ∓ margin) (scaled to
     the sample's size, widened by three binomial standard deviations), plus one bin each side.
-    A guess only: the caller checks ``needs_refine`` and falls back to the second pass."""
+    A guess only: the caller checks ``needs_refine`` and falls back to the second pass.
+    ``max_band`` (≤ ``MAX_BAND``) caps the width where memory is tight."""
     m = sample.n
     if m == 0 or n == 0:
         return (0, -1)
@@ -177,7 +187,9 @@ def band_from(sample: MagnitudeSelect, k: int, n: int, *, margin: float = 0.1) -
 
     lo = bin_at(min(float(m), ks + spread)) - 1  # more values above: a lower bin
     hi = bin_at(max(1.0, ks - spread)) + 1
-    if hi - lo + 1 > MAX_BAND:  # too spread to keep: centre on the estimate
+    max_band = max(1, min(max_band, MAX_BAND))
+    if hi - lo + 1 > max_band:  # too spread to keep: centre on the estimate
         mid = bin_at(max(1.0, ks))
-        lo, hi = mid - MAX_BAND // 2, mid + MAX_BAND // 2 - 1
+        lo = mid - max_band // 2
+        hi = lo + max_band - 1
     return max(0, lo), min(_COARSE_BINS - 1, hi)
