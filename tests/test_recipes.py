@@ -31,8 +31,10 @@ COMMANDS = [shlex.split(line, comments=True)[1:]
 def test_recipe_page_is_linked_and_complete() -> None:
     assert "docs/recipes.md" in (ROOT / "README.md").read_text()
     assert set(FILES) == {"llama-merge.yaml", "lora-merge.yaml", "load_lora.py",
-                          "tasks/my_task.yaml", "tasks/my_task.jsonl"}
-    assert len(COMMANDS) == 7
+                          "tasks/my_task.yaml", "tasks/my_task.jsonl", "clip-merge.yaml",
+                          "split_heads.py", "vit-merge.yaml", "reattach.py", "vocab-merge.yaml",
+                          "chat_check.py"}
+    assert len(COMMANDS) == 11
     for argv in COMMANDS:  # every documented command is one the CLI accepts
         build_parser().parse_args(argv)
 
@@ -46,6 +48,16 @@ def _expert(base: Path, out: Path, seed: int) -> None:
                for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _write_files(folder: Path) -> None:
+    for name, text in FILES.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
+def _commands(config: str) -> list[list[str]]:
+    return [argv for argv in COMMANDS if config in argv]
+
+
 def test_recipes_run_as_documented(tmp_path: Path, run_cli: Any,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("peft")
@@ -56,9 +68,7 @@ def test_recipes_run_as_documented(tmp_path: Path, run_cli: Any,
     for i, name in enumerate(("lora-math", "lora-code")):
         lora_adapter(base, tmp_path / name, seed=10 + i, r=4, lora_alpha=8,
                      target_modules=["q_proj", "v_proj", "up_proj"])
-    for name, text in FILES.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
+    _write_files(tmp_path)
 
     has_lm_eval = True
     try:
@@ -67,6 +77,8 @@ def test_recipes_run_as_documented(tmp_path: Path, run_cli: Any,
         has_lm_eval = False
     ran = 0
     for argv in COMMANDS:
+        if any(a in argv for a in ("clip-merge.yaml", "vit-merge.yaml", "vocab-merge.yaml")):
+            continue  # the tests below
         if "cuda" in argv or (argv[0] == "eval" and not has_lm_eval):
             continue  # needs a GPU / the hub (gsm8k, cmmlu) / the eval extra
         code, _, err = run_cli(*argv, "--quiet") if argv[0] == "merge" else run_cli(*argv)
@@ -96,3 +108,124 @@ def test_recipes_run_as_documented(tmp_path: Path, run_cli: Any,
         scores = json.loads((tmp_path / "my_task.json").read_text())
         assert scores["n-samples"]["my_task"]["effective"] == 3
         assert 0.0 <= scores["results"]["my_task"]["acc,none"] <= 1.0
+
+
+VISION = {"image_size": 8, "patch_size": 4, "num_channels": 3, "hidden_size": 16,
+          "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+
+
+def _nudged(sd: dict[str, torch.Tensor], seed: int, only: str = "") -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.02 * torch.randn(v.shape, generator=g)
+            if v.is_floating_point() and k.startswith(only) else v.clone()
+            for k, v in sd.items()}
+
+
+def test_vision_recipe_runs_as_documented(tmp_path: Path, run_cli: Any,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLIP experts merged whole (text tower untouched: it comes out as the base's); ViT
+    classifiers with heads of different sizes split, their encoders merged, heads put back."""
+    tf = pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    _write_files(tmp_path)
+    torch.manual_seed(0)
+    clip_cfg = tf.CLIPConfig(text_config={"vocab_size": 50, "hidden_size": 16,
+                                          "num_hidden_layers": 1, "num_attention_heads": 2,
+                                          "intermediate_size": 32, "max_position_embeddings": 16},
+                             vision_config=VISION, projection_dim=8)
+    clip = tf.CLIPModel(clip_cfg).eval()
+    clip.save_pretrained(tmp_path / "clip-base")
+    base_sd = {k: v.detach().clone() for k, v in clip.state_dict().items()}
+    for i, task in enumerate(("cars", "dtd", "eurosat")):
+        clip.load_state_dict(_nudged(base_sd, i, only="vision_model."))
+        clip.save_pretrained(tmp_path / f"clip-{task}")
+
+    vit_base = tf.ViTModel(tf.ViTConfig(**VISION)).eval()  # with a pooler, as ViT checkpoints
+    vit_base.save_pretrained(tmp_path / "vit-base")
+    enc_sd = {k: v.detach().clone() for k, v in vit_base.state_dict().items()
+              if not k.startswith("pooler.")}
+    heads = {}
+    for i, (task, n) in enumerate((("cars", 5), ("dtd", 3), ("eurosat", 4))):
+        expert = tf.ViTForImageClassification(tf.ViTConfig(**VISION, num_labels=n)).eval()
+        expert.vit.load_state_dict(_nudged(enc_sd, 10 + i))
+        expert.save_pretrained(tmp_path / f"vit-{task}")
+        heads[task] = expert.classifier.weight.detach().clone()
+
+    for argv in _commands("clip-merge.yaml") + _commands("vit-merge.yaml"):
+        if argv[1] == "vit-merge.yaml":
+            runpy.run_path(str(tmp_path / "split_heads.py"))
+        code, out, err = run_cli(*argv, "--quiet")
+        assert code == 0, (argv, err)
+        if "--dry-run" in argv:  # lists the vision tensors' neuron axes, writes nothing
+            assert "vision_model.embeddings.patch_embedding.weight" in out + err
+            assert not (tmp_path / "clip-merged").exists()
+
+    merged = open_checkpoint(tmp_path / "clip-merged")
+    base = open_checkpoint(tmp_path / "clip-base")
+    for name in merged.names():
+        if name.startswith("text_model."):  # zero task vectors: the base's, exactly
+            assert torch.equal(merged.read(name), base.read(name)), name
+    name = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert not torch.equal(merged.read(name), base.read(name))
+    loaded = tf.CLIPModel.from_pretrained(tmp_path / "clip-merged").eval()
+    with torch.no_grad():
+        logits = loaded(input_ids=torch.tensor([[1, 5, 9]]),
+                        pixel_values=torch.randn(1, 3, 8, 8)).logits_per_image
+    assert torch.isfinite(logits).all()
+
+    ns = runpy.run_path(str(tmp_path / "reattach.py"))
+    model = ns["model"].eval()
+    assert torch.equal(model.classifier.weight, heads["cars"])
+    merged_sd = ns["encoder"].state_dict()
+    expert_sd = tf.ViTForImageClassification.from_pretrained(tmp_path / "vit-cars").vit.state_dict()
+    for name, value in model.vit.state_dict().items():
+        assert torch.equal(value, merged_sd[name]), name  # the merged encoder...
+    # ...not the expert's
+    assert not all(torch.equal(v, expert_sd[k]) for k, v in merged_sd.items())
+    encoder = open_checkpoint(tmp_path / "vit-merged")
+    with torch.no_grad():
+        out = model(pixel_values=torch.randn(2, 3, 8, 8)).logits
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    # the pooler came from the base (missing_tensors: base)
+    assert torch.equal(encoder.read("pooler.dense.weight"),
+                       open_checkpoint(tmp_path / "vit-base").read("pooler.dense.weight"))
+
+
+def test_vocab_recipe_runs_as_documented(tmp_path: Path, run_cli: Any,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default error is the one the page shows; `vocab: union` gives the chat expert's rows
+    to its added tokens and a tokenizer and model that agree."""
+    tf = pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    _write_files(tmp_path)
+    base = tiny_causal_lm(tmp_path / "llama-base", "llama")
+    _expert(base, tmp_path / "llama-math", seed=1)
+    tok = tf.AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    chat = tf.AutoModelForCausalLM.from_pretrained(base)
+    chat.resize_token_embeddings(len(tok))
+    chat.load_state_dict(_nudged({k: v.detach() for k, v in chat.state_dict().items()}, 2))
+    chat.save_pretrained(tmp_path / "llama-chat")
+    tok.save_pretrained(tmp_path / "llama-chat")
+
+    # the page's error, with the default vocab: error
+    (tmp_path / "default.yaml").write_text(FILES["vocab-merge.yaml"].replace("vocab: union", ""))
+    code, _, err = run_cli("merge", "default.yaml", "default-out", "--quiet")
+    shown = re.search(r"```text\n(neuromerge: error: .*?)\n```", DOC, flags=re.S)
+    assert code != 0 and shown is not None
+    want = shown.group(1)
+    v = len(tok) - 2
+    want = want.replace("V+2", str(v + 2)).replace("[V,", f"[{v},").replace(", d]", ", 16]")
+    assert err.strip() == want, (err, want)
+
+    (argv,) = _commands("vocab-merge.yaml")
+    code, _, err = run_cli(*argv, "--quiet")
+    assert code == 0, err
+    ns = runpy.run_path(str(tmp_path / "chat_check.py"))
+    assert ns["logits"].shape[-1] == len(tok) and torch.isfinite(ns["logits"]).all()
+    merged = open_checkpoint(tmp_path / "chat-merged")
+    emb = merged.read("model.embed_tokens.weight")
+    chat_emb = open_checkpoint(tmp_path / "llama-chat").read("model.embed_tokens.weight")
+    ids = ns["tok"].convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert ids == [v, v + 1]
+    assert torch.equal(emb[v:], chat_emb[v:])  # one expert added them: that expert's rows
