@@ -682,17 +682,15 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
         raise ConfigError(f"{len(statistics)} statistics files for {len(experts)} models")
     budget = memory_budget(memory_limit)
     band = MAX_BAND
-    if method.trims:
-        # the trim selects' histograms sit beside the tensors in flight; under a limit they may
-        # take a quarter of the budget (a narrower band: a second pass where it misses)
-        if memory_limit is not None:
-            band = max(1, min(MAX_BAND, budget // (4 * select_bytes(len(experts), 1))))
-        budget -= select_bytes(len(experts), band)
-    if memory_limit is not None:
-        budget = max(budget, 8 << 20)
-        _return_freed_tensors_to_the_os(min(32 << 20, max(128 << 10, budget // 32)))
-    else:
+    if memory_limit is None:
         _return_freed_tensors_to_the_os()
+    else:
+        if method.trims:
+            # the trim selects' histograms sit beside the tensors in flight: a quarter of the
+            # budget at most (a narrower band: a second statistics pass where it misses)
+            band = max(1, min(MAX_BAND, budget // (4 * select_bytes(len(experts), 1))))
+            budget = max(budget - select_bytes(len(experts), band), 1 << 20)
+        _return_freed_tensors_to_the_os(min(32 << 20, max(128 << 10, budget // 32)))
     # a Fisher adds one value per entry and model, as stored and in the compute dtype
     stat_bytes = (len(experts) * (4 + cdtype.itemsize) if method.needs == "fisher" else 0)
     units, held = plan_units(plan, base, experts, budget, cdtype,
