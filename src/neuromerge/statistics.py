@@ -135,6 +135,9 @@ def fisher_diagonal(model: torch.nn.Module, batches: Iterable[Batch], *,
     if not params:
         raise InputError(f"the model has no parameters under prefix {prefix!r}")
     acc = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for _, p in params]
+    # one example's Σ_c p_c g_c² in float32 (one fused pass per class), added to the float64
+    # sums once per example: the squares of a single example need no more than float32
+    ex_acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for _, p in params]
     tensors = [p for _, p in params]
     was_training = model.training
     frozen = [p for p in tensors if not p.requires_grad]
@@ -149,12 +152,17 @@ def fisher_diagonal(model: torch.nn.Module, batches: Iterable[Batch], *,
                            disable=not progress, leave=False, dynamic_ncols=True):
                 inputs = {k: v for k, v in ex.items() if k != "labels"}
                 terms = _log_likelihoods(model(**inputs).logits, ex, fisher_type, gen)
+                for e in ex_acc:
+                    e.zero_()
                 for j, (weight, logp) in enumerate(terms):
                     grads = torch.autograd.grad(logp, tensors, retain_graph=j < len(terms) - 1,
                                                 allow_unused=True)
-                    for a, g in zip(acc, grads, strict=True):
+                    for e, g in zip(ex_acc, grads, strict=True):
                         if g is not None:
-                            a.add_(g.detach().to(torch.float64).square_(), alpha=weight)
+                            g = g.detach().float()
+                            e.addcmul_(g, g, value=weight)
+                for a, e in zip(acc, ex_acc, strict=True):
+                    a.add_(e)
                 n += 1
     finally:
         for p in frozen:
