@@ -91,10 +91,18 @@ class MagnitudeSelect:
             return
         idx = bits.index_select(0, at) - (lo << 16)  # (coarse − lo) · 2^16 + low 16 bits
         size = self._band_counts.numel()
+        weights = (chunk.index_select(0, at).to(torch.float64)
+                   if self._band_sums is not None else None)
+        if at.numel() * 8 < size:
+            # few entries in the band: scatter them (a bincount would write all 1 MiB per bin)
+            self._band_counts.index_add_(0, idx, torch.ones(1, dtype=torch.int64).expand(
+                idx.numel()))
+            if self._band_sums is not None:
+                self._band_sums.index_add_(0, idx, weights)
+            return
         self._band_counts += torch.bincount(idx, minlength=size)
         if self._band_sums is not None:
-            self._band_sums += torch.bincount(
-                idx, weights=chunk.index_select(0, at).to(torch.float64), minlength=size)
+            self._band_sums += torch.bincount(idx, weights=weights, minlength=size)
 
     @property
     def needs_refine(self) -> bool:
