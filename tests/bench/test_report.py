@@ -63,3 +63,20 @@ def test_paired_differences_are_per_seed() -> None:
     assert d["ties"] == pytest.approx([0.05, -0.07])
     assert paired_differences(s, "tuned") == {}
     assert "| ties | +5.0, -7.0 | -1.0 ± 8.5 | 1 of 2 |" in paired_table(s, "default")
+
+
+def test_a_method_on_fewer_seeds_is_marked_and_compared_on_the_common_seeds(tmp_path: Path
+                                                                         ) -> None:
+    """A method measured on seed 0 only (a run still going) is labelled so, and a second table
+    compares every method on the seeds they share."""
+    nm0 = {"kind": "merge", "mode": "default", "method": "neuromerging", "seed": 0, "params": {},
+           "accuracy": {"a": 0.5, "b": 0.5}}
+    meta = {"profile": {"name": "t", "tasks": ["a", "b"], "seeds": [0, 1]}, "seconds": {}}
+    md = write_report(RECORDS + [nm0], meta, tmp_path)["markdown"]
+    assert "| neuromerging (seed 0 only) | 50.0 | 50.0 | 50.0 |" in md
+    assert "| ties | 60.0 ± 28.3 |" in md  # both seeds: not marked
+    assert "every method on seed 0" in md
+    common = md.split("every method on seed 0")[1]
+    assert "| ties | 40.0 | 50.0 | 45.0 | 75.0 |" in common  # ties on seed 0 alone
+    full = write_report(RECORDS, meta, tmp_path)["markdown"]
+    assert "only" not in full and "every method on" not in full

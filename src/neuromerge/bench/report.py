@@ -61,14 +61,21 @@ def summarize(records: Iterable[Mapping[str, Any]], tasks: Sequence[str]) -> dic
     return out
 
 
-def markdown_table(summary: Mapping[str, Any], tasks: Sequence[str], mode: str) -> str:
+def markdown_table(summary: Mapping[str, Any], tasks: Sequence[str], mode: str,
+                   seeds: Sequence[int] | None = None) -> str:
+    """One row per method of ``mode`` (best average first) under the references; with
+    ``seeds`` (the profile's), a row measured on fewer seeds says which."""
     head = ["method", *tasks, "avg", "normalized avg"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = [v for v in summary.values() if v["mode"] == "reference"] + sorted(
         (v for v in summary.values() if v["mode"] == mode),
         key=lambda v: -(statistics.fmean(v["average"]) if v["average"] else 0))
     for v in rows:
-        cells = [v["name"]] + [_fmt(v["tasks"].get(t, [])) for t in tasks] + [
+        name = v["name"]
+        if seeds is not None and v["seeds"] and list(v["seeds"]) != list(seeds):
+            name += f" (seed{'s' if len(v['seeds']) > 1 else ''} " \
+                    f"{', '.join(map(str, v['seeds']))} only)"
+        cells = [name] + [_fmt(v["tasks"].get(t, [])) for t in tasks] + [
             _fmt(v["average"]), _fmt(v["normalized"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -104,6 +111,12 @@ def paired_table(summary: Mapping[str, Any], mode: str, reference: str = "neurom
     return "\n".join(lines)
 
 
+def _common_seeds(summary: Mapping[str, Any], mode: str) -> list[int]:
+    """The seeds every method of ``mode`` was measured on."""
+    sets = [set(v["seeds"]) for v in summary.values() if v["mode"] == mode]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
 def write_report(records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any], out: Path
                  ) -> dict[str, Any]:
     recs = list(records)
@@ -116,11 +129,17 @@ def write_report(records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any], 
              f"expert head. normalized = merged ÷ expert, averaged over tasks.", ""]
     titles = {"default": "Without validation (each method's defaults)",
               "tuned": "With validation (main hyper-parameters chosen on the validation splits)"}
+    seeds = list(meta["profile"]["seeds"])
     for mode in modes:
-        parts += [f"## {titles[mode]}", "", markdown_table(summary, tasks, mode), ""]
+        parts += [f"## {titles[mode]}", "", markdown_table(summary, tasks, mode, seeds), ""]
         if paired_differences(summary, mode):
             parts += ["NeuroMerging's average accuracy minus each method's, paired by seed:", "",
                       paired_table(summary, mode), ""]
+        common = _common_seeds(summary, mode)
+        if common and common != seeds:  # some methods are not on every seed yet: compare fairly
+            only = summarize([r for r in recs if r.get("seed") in common], tasks)
+            parts += [f"### {titles[mode]}: every method on seed{'s' if len(common) > 1 else ''} "
+                      f"{', '.join(map(str, common))}", "", markdown_table(only, tasks, mode), ""]
     secs = meta.get("seconds", {})
     parts += ["## Where the time went", "", "| phase | seconds |", "|---|---|"]
     parts += [f"| {k} | {v:.0f} |" for k, v in secs.items()]
