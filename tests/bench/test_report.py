@@ -72,7 +72,7 @@ def test_a_method_on_fewer_seeds_is_marked_and_compared_on_the_common_seeds(tmp_
     nm0 = {"kind": "merge", "mode": "default", "method": "neuromerging", "seed": 0, "params": {},
            "accuracy": {"a": 0.5, "b": 0.5}}
     meta = {"profile": {"name": "t", "tasks": ["a", "b"], "seeds": [0, 1]}, "seconds": {}}
-    md = write_report(RECORDS + [nm0], meta, tmp_path)["markdown"]
+    md = write_report([*RECORDS, nm0], meta, tmp_path)["markdown"]
     assert "| neuromerging (seed 0 only) | 50.0 | 50.0 | 50.0 |" in md
     assert "| ties | 60.0 ± 28.3 |" in md  # both seeds: not marked
     assert "every method on seed 0" in md
