@@ -80,3 +80,8 @@ def test_a_method_on_fewer_seeds_is_marked_and_compared_on_the_common_seeds(tmp_
     assert "| ties | 40.0 | 50.0 | 45.0 | 75.0 |" in common  # ties on seed 0 alone
     full = write_report(RECORDS, meta, tmp_path)["markdown"]
     assert "only" not in full and "every method on" not in full
+    # a run resumed with --seeds 0 records seeds [0] in its meta: the records still hold 0 and 1
+    resumed = {"profile": {**meta["profile"], "seeds": [0]}, "seconds": {}}
+    md = write_report([*RECORDS, nm0], resumed, tmp_path)["markdown"]
+    assert "over seeds [0, 1]" in md and "| neuromerging (seed 0 only) |" in md
+    assert "| ties | 60.0 ± 28.3 |" in md

@@ -123,13 +123,14 @@ def write_report(records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any], 
     tasks = list(meta["profile"]["tasks"])
     summary = summarize(recs, tasks)
     modes = [m for m in ("default", "tuned") if any(v["mode"] == m for v in summary.values())]
+    # every seed on record (a run resumed with --seeds S adds to the earlier ones)
+    seeds = sorted({int(r["seed"]) for r in recs if "seed" in r} | set(meta["profile"]["seeds"]))
     parts = [f"# neuromerge bench: profile `{meta['profile']['name']}`", "",
              f"Accuracy (%) on each task's test split, mean ± std over seeds "
-             f"{list(meta['profile']['seeds'])}; a merged body is scored with each task's own "
+             f"{seeds}; a merged body is scored with each task's own "
              f"expert head. normalized = merged ÷ expert, averaged over tasks.", ""]
     titles = {"default": "Without validation (each method's defaults)",
               "tuned": "With validation (main hyper-parameters chosen on the validation splits)"}
-    seeds = list(meta["profile"]["seeds"])
     for mode in modes:
         parts += [f"## {titles[mode]}", "", markdown_table(summary, tasks, mode, seeds), ""]
         if paired_differences(summary, mode):
