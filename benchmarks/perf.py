@@ -712,7 +712,16 @@ def _agg(recs: list[dict[str, Any]]) -> dict[str, Any]:
             "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in recs),
             "peak_anon_bytes": statistics.median(r["peak_anon_bytes"] for r in recs),
             "ru_maxrss_bytes": statistics.median(r["ru_maxrss_bytes"] for r in recs),
-            "n": len(recs)}
+            "n": len(recs), "times": sorted(r["time"] for r in recs if r.get("time"))}
+
+
+def _when(times: list[str]) -> str:
+    """When a row's runs were measured (UTC): stored results reused from an earlier run show
+    their own time, not this run's."""
+    if not times:
+        return "–"
+    first, last = times[0].replace("T", " ")[:16], times[-1][11:16]
+    return first if last == first[11:16] else f"{first}–{last}"
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
@@ -740,8 +749,9 @@ def _ratio(a: float, b: float | None) -> str:
 
 def table(points: list[dict[str, Any]]) -> str:
     lines = ["| size | params | experts | input GB | tool | method | wall s | peak RSS GB | "
-             "peak anon GB | input GB/s | time ÷ mk ties | RSS ÷ mk ties | ÷ mk TA (time / RSS) |",
-             "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "peak anon GB | input GB/s | time ÷ mk ties | RSS ÷ mk ties | ÷ mk TA (time / RSS) | "
+             "measured (UTC) |",
+             "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for p in points:
         runs = p["runs"]
         mk_ties, mk_ta = runs.get("mergekit:ties"), runs.get("mergekit:task_arithmetic")
@@ -760,7 +770,7 @@ def table(points: list[dict[str, Any]]) -> str:
                 f"{p['input_bytes'] / GB / a['wall_s']:.3f} | "
                 f"{_ratio(a['wall_s'], mk_ties and mk_ties['wall_s'])} | "
                 f"{_ratio(a['peak_rss_bytes'], mk_ties and mk_ties['peak_rss_bytes'])} | "
-                f"{vs_ta} |")
+                f"{vs_ta} | {_when(a.get('times', []))} |")
     return "\n".join(lines)
 
 
