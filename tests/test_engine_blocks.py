@@ -189,6 +189,47 @@ def test_a_memory_limit_below_the_start_up_footprint_is_refused() -> None:
         merge_state_dicts(base, experts, "average", memory_limit=10_000_000)
 
 
+class _FakeLibc:
+    """Records the allocator calls a run makes (mallopt's setting is the process's)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append(("mallopt", value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_each_run_sets_its_own_mmap_threshold_and_trims_under_a_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run under a memory limit lowers glibc's mmap threshold and trims the heap after every
+    tensor; the next run without a limit sets 32 MB again (no setting is cached across runs),
+    and trims only when much of the heap is free."""
+    libc = _FakeLibc()
+    monkeypatch.setattr(engine, "_libc", lambda: libc)
+    monkeypatch.setattr(engine, "_mallinfo2", lambda: lambda: type("I", (), {"fordblks": 0})())
+    monkeypatch.setattr(engine.sys, "platform", "linux")
+    base = {"w": torch.randn(64, 32), "b": torch.randn(64)}
+    experts = [{k: v + 0.1 * torch.randn(v.shape) for k, v in base.items()} for _ in range(2)]
+    # the same budget on both limited runs: the same threshold, which must be set again
+    monkeypatch.setattr(engine, "memory_budget",
+                        lambda limit: 64 << 20 if limit else 1 << 40)
+    for limit in (1 << 30, None, 1 << 30):
+        libc.calls.clear()
+        merge_state_dicts(base, experts, "ties", memory_limit=limit)
+        (threshold,) = [v for k, v in libc.calls if k == "mallopt"]
+        trims = sum(1 for k, _ in libc.calls if k == "malloc_trim")
+        if limit is None:
+            assert threshold == 32 << 20 and trims == 0  # fordblks 0: nothing worth trimming
+        else:
+            assert 128 << 10 <= threshold < 32 << 20
+            assert trims >= 2  # after each of the two tensors (and the statistics passes)
+
+
 @given(seed=st.integers(0, 2**40), offset=st.integers(0, 3 * RNG_CHUNK),
        count=st.integers(0, RNG_CHUNK + 17))
 def test_uniform_stream_blocks_are_slices_of_one_stream(seed: int, offset: int,
