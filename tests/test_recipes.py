@@ -39,13 +39,22 @@ def test_recipe_page_is_linked_and_complete() -> None:
         build_parser().parse_args(argv)
 
 
+def _nudged(sd: dict[str, torch.Tensor], seed: int, only: str = "") -> dict[str, torch.Tensor]:
+    """``sd`` with every float tensor whose name starts with ``only`` nudged (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.02 * torch.randn(v.shape, generator=g)
+            if v.is_floating_point() and k.startswith(only) else v.clone()
+            for k, v in sd.items()}
+
+
 def _expert(base: Path, out: Path, seed: int) -> None:
-    """A 'full fine-tune': the base with every float tensor nudged."""
+    """A 'full fine-tune': the base with every float tensor nudged (in float32, stored as the
+    base's dtype)."""
     shutil.copytree(base, out)
     sd = load_file(base / "model.safetensors")
-    g = torch.Generator().manual_seed(seed)
-    save_file({k: (v.float() + 0.02 * torch.randn(v.shape, generator=g)).to(v.dtype)
-               for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    nudged = _nudged({k: v.float() for k, v in sd.items()}, seed)
+    save_file({k: nudged[k].to(v.dtype) for k, v in sd.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
 
 
 def _write_files(folder: Path) -> None:
@@ -112,13 +121,6 @@ def test_recipes_run_as_documented(tmp_path: Path, run_cli: Any,
 
 VISION = {"image_size": 8, "patch_size": 4, "num_channels": 3, "hidden_size": 16,
           "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
-
-
-def _nudged(sd: dict[str, torch.Tensor], seed: int, only: str = "") -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.02 * torch.randn(v.shape, generator=g)
-            if v.is_floating_point() and k.startswith(only) else v.clone()
-            for k, v in sd.items()}
 
 
 def test_vision_recipe_runs_as_documented(tmp_path: Path, run_cli: Any,

@@ -59,6 +59,15 @@ def config(tmp_path: Path, base: Path, experts: list[Path], **top: Any) -> Path:
 EMB = "bert.embeddings.word_embeddings.weight"
 
 
+def assert_tokenizer_source_is_vocab(tmp_path: Path, base: Path, experts: list[Path],
+                                     source: str, merged: dict[str, torch.Tensor]) -> None:
+    """mergekit's `tokenizer_source: SOURCE` merges as `vocab: SOURCE` did (``merged``)."""
+    merge(config(tmp_path, base, experts, tokenizer_source=source), tmp_path / "o2",
+          progress=False)
+    torch.testing.assert_close(load_file(str(tmp_path / "o2" / "model.safetensors"))[EMB],
+                               merged[EMB])
+
+
 def test_default_error_names_the_tensor_and_both_shapes(tmp_path: Path) -> None:
     base, experts = family(tmp_path / "m")
     with pytest.raises(InputError, match=r"tensor '.*word_embeddings.weight': shape \[171, 32\] "
@@ -80,11 +89,7 @@ def test_base_keeps_the_base_vocabulary(tmp_path: Path) -> None:
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert len(tok) == 169
     model(**tok(["the merged model runs"], return_tensors="pt"))
-    # tokenizer_source: base (mergekit) is the same rule
-    merge(config(tmp_path, base, experts, tokenizer_source="base"), tmp_path / "o2",
-          progress=False)
-    torch.testing.assert_close(load_file(str(tmp_path / "o2" / "model.safetensors"))[EMB],
-                               merged[EMB])
+    assert_tokenizer_source_is_vocab(tmp_path, base, experts, "base", merged)
 
 
 def test_union_aligns_rows_by_token(tmp_path: Path) -> None:
@@ -114,11 +119,7 @@ def test_union_aligns_rows_by_token(tmp_path: Path) -> None:
     torch.testing.assert_close(merged[bias][171], e2[bias][170])
     out_ids = tok(["chat [NEW] the"], return_tensors="pt")
     assert model(**out_ids).logits.shape[-1] == 172
-    # mergekit's tokenizer_source: union
-    merge(config(tmp_path, base, experts, tokenizer_source="union"), tmp_path / "o2",
-          progress=False)
-    torch.testing.assert_close(load_file(str(tmp_path / "o2" / "model.safetensors"))[EMB],
-                               merged[EMB])
+    assert_tokenizer_source_is_vocab(tmp_path, base, experts, "union", merged)
 
 
 def test_tokenizer_source_model_and_base_mismatch(tmp_path: Path) -> None:
