@@ -706,7 +706,8 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
         raise ConfigError(f"{len(statistics)} statistics files for {len(experts)} models")
     budget = memory_budget(memory_limit)
     band = MAX_BAND
-    if memory_limit is None:
+    limited = memory_limit is not None  # memory first: trim the heap after every tensor
+    if not limited:
         _return_freed_tensors_to_the_os()
     else:
         if method.trims:
@@ -746,7 +747,7 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                                    scope=params["trim_scope"], progress=progress,
                                    block_thresholds=block_thresholds)
         seconds["stats"] = time.perf_counter() - t1
-        _trim_heap(memory_limit is not None)  # the selects' histograms
+        _trim_heap(limited)  # the selects' histograms
     resolved = method.resolved(dict(params), stats)
     seeds = model_seeds(resolved, model_keys, per_model)
     thresholds = stats.thresholds if (stats and params.get("trim_scope") == "global") else None
@@ -783,7 +784,7 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                 elif u is group[0]:
                     fields = _prepare_blocks(group, inputs, method, density, thresholds,
                                              block_thresholds, merge_unit)
-                    _trim_heap(memory_limit is not None)
+                    _trim_heap(limited)
                 out = merge_unit(u, b, exs, **fields).to(p.out_dtype)
                 if not all_finite(out):
                     raise InputError(f"tensor {p.name!r}: the merged values are not finite "
@@ -804,7 +805,7 @@ def run(base: CheckpointReader, experts: Sequence[CheckpointReader], method: Mer
                 inputs.release(p.name)
             del out, b, exs
             if u.rows is None or last_block:
-                _trim_heap(memory_limit is not None)
+                _trim_heap(limited)
     seconds["merge"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t0
     counts = {k: sum(1 for p in plan if p.kind == k) for k in ("neuronal", "point", "copy")}
