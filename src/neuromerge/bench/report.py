@@ -61,6 +61,10 @@ def summarize(records: Iterable[Mapping[str, Any]], tasks: Sequence[str]) -> dic
     return out
 
 
+def _seed_list(seeds: Sequence[int]) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
 def markdown_table(summary: Mapping[str, Any], tasks: Sequence[str], mode: str,
                    seeds: Sequence[int] | None = None) -> str:
     """One row per method of ``mode`` (best average first) under the references; with
@@ -73,8 +77,7 @@ def markdown_table(summary: Mapping[str, Any], tasks: Sequence[str], mode: str,
     for v in rows:
         name = v["name"]
         if seeds is not None and v["seeds"] and list(v["seeds"]) != list(seeds):
-            name += f" (seed{'s' if len(v['seeds']) > 1 else ''} " \
-                    f"{', '.join(map(str, v['seeds']))} only)"
+            name += f" ({_seed_list(v['seeds'])} only)"
         cells = [name] + [_fmt(v["tasks"].get(t, [])) for t in tasks] + [
             _fmt(v["average"]), _fmt(v["normalized"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -139,8 +142,8 @@ def write_report(records: Iterable[Mapping[str, Any]], meta: Mapping[str, Any], 
         common = _common_seeds(summary, mode)
         if common and common != seeds:  # some methods are not on every seed yet: compare fairly
             only = summarize([r for r in recs if r.get("seed") in common], tasks)
-            parts += [f"### {titles[mode]}: every method on seed{'s' if len(common) > 1 else ''} "
-                      f"{', '.join(map(str, common))}", "", markdown_table(only, tasks, mode), ""]
+            parts += [f"### {titles[mode]}: every method on {_seed_list(common)}", "",
+                      markdown_table(only, tasks, mode), ""]
     secs = meta.get("seconds", {})
     parts += ["## Where the time went", "", "| phase | seconds |", "|---|---|"]
     parts += [f"| {k} | {v:.0f} |" for k, v in secs.items()]
