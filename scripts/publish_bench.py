@@ -13,12 +13,14 @@ import sys
 from pathlib import Path
 
 from neuromerge.bench.report import write_report
+from neuromerge.bench.runner import Results
 
 if __name__ == "__main__":
     src = Path(sys.argv[1]).expanduser()
     meta = json.loads((src / "summary.json").read_text())["meta"]
-    records = [json.loads(line) for line in (src / "results.jsonl").read_text().splitlines()
-               if line.strip()]
+    # keyed as the benchmark reads them: a record rewritten later (a re-chosen tuned point)
+    # replaces the earlier one
+    records = Results(src / "results.jsonl").records.values()
     write_report(records, meta, src)
     dest = Path(__file__).resolve().parent.parent / "docs" / "bench" / meta["profile"]["name"]
     dest.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,8 @@ PROFILE = Profile("test", ("alpha", "beta"), (0,), n_train=96, n_val=32, n_test=
                   methods=("average", "ties", "neuromerging", "fisher", "regmean"))
 
 
-def test_benchmark_end_to_end_and_resume(tiny_base: Path, tmp_path: Path) -> None:
+def test_benchmark_end_to_end_and_resume(tiny_base: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs = dict(cache_dir=tmp_path / "cache", base_dir=tiny_base, datasets=synthetic,
                   make_splits=splits, progress=False)
     rep = run_benchmark(PROFILE, tmp_path / "out", **kwargs)
@@ -116,6 +117,19 @@ def test_benchmark_end_to_end_and_resume(tiny_base: Path, tmp_path: Path) -> Non
     assert "statistics" not in again["meta"]["seconds"]
     assert [f.stat().st_mtime_ns for f in stat_files] == mtimes
     assert again["summary"]["default/ties"]["average"] == s["default/ties"]["average"]
+
+    # a grid changed after a run: its new points are scored on validation and, when the best
+    # point is not the recorded one, the tuned merge is chosen and scored again
+    scales = [x for x in SWEEPS["ties"]["linear"]["scale"] if x != chosen["params"]["scale"]]
+    monkeypatch.setitem(SWEEPS["ties"], "linear", {"scale": [*scales, 0.25]})
+    third = run_benchmark(PROFILE, tmp_path / "out", **kwargs)
+    recs = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    new = recs[len(before.splitlines()):]
+    assert {(r["kind"], r.get("mode")) for r in new} == {("sweep", None), ("merge", "tuned")}
+    assert {r["params"]["scale"] for r in new if r["kind"] == "sweep"} == {0.25}
+    rechosen = third["summary"]["tuned/ties"]["params"][0]
+    assert rechosen["scale"] in [*scales, 0.25] and rechosen != chosen["params"]
+    assert [r["method"] for r in new if r["kind"] == "merge"] == ["ties"]
 
 
 SWEPT = [("neuromerging", {"density": 0.2}, {"lambda1": 0.5, "lambda2": 1.5}),
