@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "experts and finished evaluations are reused.",
         epilog="profiles:\n  quick  6 tasks, 1 seed, 320 training examples per task, the six "
                "core methods with defaults (about 10 minutes on 2 cores)\n  full   7 tasks, 3 "
-               "seeds, 1000 examples, every method, defaults and validation sweeps (about 2 "
-               "hours)\n\n--ablations (full profile; reuses its cached experts):\n"
+               "seeds, 1000 examples, every method, defaults and validation sweeps (about 6-7 "
+               "hours, most of it Fisher statistics and sweeps)\n\n"
+               "--ablations (full profile; reuses its cached experts):\n"
                "  subspaces    λ1 (parallel) × λ2 (orthogonal) grid\n"
                "  frame        orthogonal merge in the SVD frame vs element-wise TIES; rank "
                "threshold\n"
