@@ -72,9 +72,9 @@ SWEEPS: dict[str, dict[str, Any]] = {
                      "linear": {"scale": [0.3, 0.5, 1.0]}},
     "consensus_ties": {"grid": [{}], "linear": {"scale": [0.3, 0.5, 1.0, 1.5]}},
     "tsv_m": {"grid": [{}], "linear": {"alpha": [0.5, 1.0, 1.5, 2.0]}},
-    # Iso: α = 2, the top of a 0.5-2 grid, was chosen on every seed of the full profile
-    "iso_c": {"grid": [{}], "linear": {"alpha": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}},
-    "iso_cts": {"grid": [{}], "linear": {"alpha": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}},
+    # Iso: the full profile chose the top of a 0.5-2 grid on every seed, then mostly 3 of 0.5-3
+    "iso_c": {"grid": [{}], "linear": {"alpha": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0]}},
+    "iso_cts": {"grid": [{}], "linear": {"alpha": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0]}},
     # fisher and regmean average the experts (like `average`): scales above 1 are the
     # task-arithmetic-like extrapolations worth trying
     "fisher": {"grid": [{}], "linear": {"scale": [1.0, 1.5, 2.0, 3.0]}},
