@@ -76,8 +76,8 @@ SWEEPS: dict[str, dict[str, Any]] = {
     "iso_c": {"grid": [{}], "linear": {"alpha": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0]}},
     "iso_cts": {"grid": [{}], "linear": {"alpha": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0]}},
     # fisher and regmean average the experts (like `average`): scales above 1 are the
-    # task-arithmetic-like extrapolations worth trying
-    "fisher": {"grid": [{}], "linear": {"scale": [1.0, 1.5, 2.0, 3.0]}},
+    # task-arithmetic-like extrapolations worth trying (fisher chose 3, the top of 1-3, on seed 1)
+    "fisher": {"grid": [{}], "linear": {"scale": [1.0, 1.5, 2.0, 3.0, 4.0, 5.0]}},
     "regmean": {"grid": [{"offdiag_scale": a} for a in (0.5, 0.9)],
                 "linear": {"scale": [1.0, 1.5, 2.0]}},
 }
