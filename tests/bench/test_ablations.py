@@ -19,6 +19,8 @@ from neuromerge.bench.ablations import (
     PLANS,
     Ablations,
     Plan,
+    _ms,
+    _pct_of,
     ablation_names,
     density_settings,
     frame_settings,
@@ -99,6 +101,14 @@ def test_small_grid_is_a_subset_of_the_full_one() -> None:
     assert small.splits == ("test",) and full.splits == ("val", "test")
 
 
+def test_cells_on_fewer_seeds_say_how_many() -> None:
+    assert _pct_of(_ms([0.5]), 3) == "50.0 [1 seed]"
+    assert _pct_of(_ms([0.4, 0.6]), 3) == "50.0 ± 14.1 [2 seeds]"
+    assert _pct_of(_ms([0.4, 0.6]), 2) == "50.0 ± 14.1"
+    assert _pct_of(_ms([0.5]), 1) == "50.0"
+    assert _pct_of(_ms([]), 3) == "–"
+
+
 def test_ablation_names() -> None:
     assert ablation_names(None) == ABLATIONS
     assert ablation_names("frame, tasks") == ("frame", "tasks")
@@ -151,6 +161,7 @@ def test_every_ablation_reports_its_settings(report: tuple[dict, Path, dict]) ->
     for title in ("## Subspaces", "## Orthogonal merge", "## Density", "## Global vs per-tensor",
                   "## Number of merged tasks"):
         assert title in md
+    assert "seed]" not in md  # every cell covers the report's one seed
     # task-count records score only the merged tasks
     recs = [r for r in _records(out) if r["kind"] == "ablation-tasks"]
     assert len(recs) == 3 * len(PLAN.task_methods)

@@ -374,13 +374,17 @@ def summarize(abl: Ablations, seeds: Sequence[int]) -> dict[str, Any]:
     return out
 
 
-def _pct(ms: Mapping[str, Any]) -> str:
+def _pct_of(ms: Mapping[str, Any], n_seeds: int = 1) -> str:
+    """Mean ± std in %; a cell measured on fewer seeds than the report's says how many, so a
+    one-seed number is not read as a mean over all of them."""
     vals = ms["values"]
     if not vals:
         return "–"
-    if len(vals) == 1:
-        return f"{100 * ms['mean']:.1f}"
-    return f"{100 * ms['mean']:.1f} ± {100 * ms['std']:.1f}"
+    cell = (f"{100 * ms['mean']:.1f}" if len(vals) == 1
+            else f"{100 * ms['mean']:.1f} ± {100 * ms['std']:.1f}")
+    if len(vals) < n_seeds:
+        cell += f" [{len(vals)} seed{'s' if len(vals) > 1 else ''}]"
+    return cell
 
 
 def _auto(row: Mapping[str, Any]) -> str:
@@ -389,12 +393,17 @@ def _auto(row: Mapping[str, Any]) -> str:
 
 
 def markdown(summary: Mapping[str, Any], tasks: Sequence[str], meta: Mapping[str, Any]) -> str:
+    seeds = list(meta["profile"]["seeds"])
+
+    def _pct(ms: Mapping[str, Any]) -> str:
+        return _pct_of(ms, len(seeds))
+
     parts = ["# neuromerge bench --ablations: profile "
              f"`{meta['profile']['name']}`", "",
              f"Mean accuracy (%) over the tasks' validation (val) and test splits, mean ± std over "
-             f"seeds {list(meta['profile']['seeds'])}; each merged body is scored with each "
-             f"task's own expert head. NeuroMerging's defaults: density 0.2, global trim, "
-             f"λ1 = 0, λ2 = auto, SVD frame with ρ = 1, compat spec.", ""]
+             f"seeds {seeds} (\"[k seeds]\": a cell measured on fewer); each merged body "
+             "is scored with each task's own expert head. NeuroMerging's defaults: density "
+             "0.2, global trim, λ1 = 0, λ2 = auto, SVD frame with ρ = 1, compat spec.", ""]
 
     def table(rows: Sequence[Mapping[str, Any]], per_task: bool) -> list[str]:
         head = ["setting", "val", "test"] + ([f"{t} (test)" for t in tasks] if per_task else [])
