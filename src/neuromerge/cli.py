@@ -179,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                "  trim_compat  global vs per-tensor trim; compat official vs spec\n"
                "  tasks        number of merged tasks T = 2 … all (--methods: which methods; "
                "default\n               average, task_arithmetic, ties, neuromerging)\n"
-               "  --grid full: roughly an hour per seed on 2 quiet cores (estimated);\n"
-               "  --grid small: about 75 minutes for seed 0 on 2 busy cores (measured);\n"
+               "  --grid small: about 30 minutes per seed (measured: one thread, beside one "
+               "other job);\n"
+               "  --grid full: about an hour per seed (measured: 34 more minutes after --grid "
+               "small);\n"
                "  resumable like the benchmark",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--profile", choices=("quick", "full"), default="quick")
@@ -197,9 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "validation splits: --profile full); report in --out (default: "
                         "bench-results/ablations-PROFILE)")
     b.add_argument("--grid", choices=("full", "small"), default="full",
-                   help="with --ablations: the settings' grids; small fits about an hour per "
-                        "seed on 2 busy cores (fewer points, test split only where nothing is "
-                        "tuned; docs/analysis.md lists both)")
+                   help="with --ablations: the settings' grids; small takes about half the "
+                        "time of full (fewer points, test split only where nothing is tuned, one "
+                        "task subset per T; docs/analysis.md lists both)")
     b.add_argument("--report-only", action="store_true",
                    help="with --ablations: compute nothing, write the report from the results "
                         "already in --out (missing cells show –)")

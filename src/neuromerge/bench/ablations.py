@@ -69,8 +69,8 @@ class Plan:
     ablations: tuple[str, ...] = ABLATIONS
 
 
-#: ``--grid``: "full" as designed; "small" is what fits about an hour of one seed on 2 cores
-#: shared with other work (each setting scored on test only, unless validation chooses; one
+#: ``--grid``: "full" as designed; "small" takes about half its time (measured: ~30 min per
+#: seed with one thread; each setting scored on test only, unless validation chooses; one
 #: task subset per T, every T and the four task methods: the decay with T is the question).
 PLANS: dict[str, Plan] = {
     "full": Plan(),
