@@ -208,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--only", default=None, metavar="A1,A2",
                    help="with --ablations: only these of subspaces, frame, density, "
                         "trim_compat, tasks (default: all)")
+    b.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads for this run (default: torch's, one per core); use "
+                        "1 when several jobs share the cores: two 2-thread jobs on 2 cores ran "
+                        "5x slower each than two 1-thread jobs (docs/benchmark.md)")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines")
 
     st = sub.add_parser(
@@ -433,6 +437,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for m in methods or []:
         get_method(m)  # an unknown name fails before any work
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads}: needs at least 1 thread")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.ablations:
         return _cmd_ablations(args, methods, seeds)
     if args.only or args.grid != "full" or args.report_only:
