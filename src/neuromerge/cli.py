@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads for this run (default: torch's, one per core); use "
                         "1 when several jobs share the cores: two 2-thread jobs on 2 cores ran "
-                        "5x slower each than two 1-thread jobs (docs/benchmark.md)")
+                        "2-8x slower each than two 1-thread jobs (docs/benchmark.md)")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines")
 
     st = sub.add_parser(

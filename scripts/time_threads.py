@@ -1,0 +1,57 @@
+"""Time one expert's Fisher statistics with 1 and 2 torch threads, alone and as two jobs at once.
+
+    python scripts/time_threads.py [--task hedge] [--seed 2] [--n 64]
+
+Needs the full profile's cached experts (``neuromerge bench --profile full``). Shows what thread
+oversubscription costs when several jobs share the cores (docs/benchmark.md, "Time").
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+
+def one(threads: int, task: str, seed: int, n: int) -> float:
+    import torch
+
+    from neuromerge.bench.runner import expert_classifier, open_bench
+    from neuromerge.statistics import fisher_diagonal, text_batches
+
+    torch.set_num_threads(threads)
+    bench = open_bench("full", "bench-results/time-threads", seeds=(seed,), progress=False)
+    sd = bench.prepare(seed, train=False)
+    train = bench._train[task]
+    model = expert_classifier(sd.experts[task], len(train.label_names))
+    batches = text_batches(bench.tokenizer, train.texts[:n], train.labels[:n], batch_size=16,
+                           max_length=bench.profile.train.max_length)
+    start = time.perf_counter()
+    fisher_diagonal(model, batches, prefix=model.base_model_prefix + ".")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="hedge")
+    p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--n", type=int, default=64, help="training examples")
+    p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)  # child run
+    a = p.parse_args()
+    if a.threads is not None:
+        print(f"{one(a.threads, a.task, a.seed, a.n):.1f}")
+        return
+    child = [sys.executable, __file__, "--task", a.task, "--seed", str(a.seed), "--n", str(a.n)]
+    for threads in (1, 2):
+        for jobs in (1, 2):
+            procs = [subprocess.Popen([*child, "--threads", str(threads)], text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                     for _ in range(jobs)]
+            secs = [float(pr.communicate()[0].strip().splitlines()[-1]) for pr in procs]
+            print(f"{threads} thread(s) per job, {jobs} job(s) at once: "
+                  + ", ".join(f"{s:.1f} s" for s in secs))
+
+
+if __name__ == "__main__":
+    main()
