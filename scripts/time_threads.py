@@ -17,18 +17,16 @@ import time
 def one(threads: int, task: str, seed: int, n: int) -> float:
     import torch
 
-    from neuromerge.bench.runner import expert_classifier, open_bench
-    from neuromerge.statistics import fisher_diagonal, text_batches
+    from neuromerge.bench.runner import open_bench
+    from neuromerge.statistics import fisher_diagonal
 
     torch.set_num_threads(threads)
     bench = open_bench("full", "bench-results/time-threads", seeds=(seed,), progress=False)
     sd = bench.prepare(seed, train=False)
-    train = bench._train[task]
-    model = expert_classifier(sd.experts[task], len(train.label_names))
-    batches = text_batches(bench.tokenizer, train.texts[:n], train.labels[:n], batch_size=16,
-                           max_length=bench.profile.train.max_length)
+    # the same model and batches as the benchmark's statistics, on the first n examples
+    model, batches, prefix = bench.statistics_inputs(task, sd.experts[task], n)
     start = time.perf_counter()
-    fisher_diagonal(model, batches, prefix=model.base_model_prefix + ".")
+    fisher_diagonal(model, batches, prefix=prefix)
     return time.perf_counter() - start
 
 

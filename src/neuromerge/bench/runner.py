@@ -220,6 +220,24 @@ class Bench:
         return folder
 
     # -- data statistics (fisher, regmean) ----------------------------------------------------
+    def statistics_inputs(self, task: str, expert: Path, n: int | None = None
+                          ) -> tuple[torch.nn.Module, Iterator[dict[str, torch.Tensor]], str]:
+        """What an expert's statistics are computed on: the expert with its own head, batches
+        of the first ``n`` (default ``n_stats``) examples of its training split, and the prefix
+        of its body's tensor names."""
+        from neuromerge.statistics import text_batches
+
+        texts, labels = self._stats_examples(task, n)
+        model = expert_classifier(expert, len(self._train[task].label_names))
+        batches = text_batches(self.tokenizer, texts, labels, batch_size=16,
+                               max_length=self.profile.train.max_length)
+        return model, batches, model.base_model_prefix + "."
+
+    def _stats_examples(self, task: str, n: int | None = None) -> tuple[list[str], list[int]]:
+        train = self._train[task]
+        n = min(n or self.profile.n_stats, len(train.texts))
+        return train.texts[:n], train.labels[:n]
+
     def statistics(self, kind: str, task: str, expert: Path) -> Path:
         """The expert's statistics on (the first ``n_stats`` of) its own training split,
         computed through its own head and cached next to it, keyed by model, data, settings."""
@@ -228,24 +246,17 @@ class Bench:
             data_hash,
             fisher_diagonal,
             regmean_grams,
-            text_batches,
         )
 
-        train = self._train[task]
-        n = min(self.profile.n_stats, len(train.texts))
-        texts, labels = train.texts[:n], train.labels[:n]
+        texts, labels = self._stats_examples(task)
         reader = open_checkpoint(expert / "body")
         try:
             names, fp = set(reader.names()), fingerprint(reader)
         finally:
             reader.close()
-        max_length = self.profile.train.max_length
 
         def compute() -> Any:
-            model = expert_classifier(expert, len(train.label_names))
-            batches = text_batches(self.tokenizer, texts, labels, batch_size=16,
-                                   max_length=max_length)
-            prefix = model.base_model_prefix + "."
+            model, batches, prefix = self.statistics_inputs(task, expert)
             with self.timer("statistics"):
                 stats = (fisher_diagonal(model, batches, prefix=prefix) if kind == "fisher"
                          else regmean_grams(model, batches, prefix=prefix))
@@ -253,7 +264,8 @@ class Bench:
             return stats
 
         return cached_statistics(expert / "statistics", kind, fp, data_hash(texts, labels),
-                                 compute, {"max_length": max_length, "fisher_type": "expected"})
+                                 compute, {"max_length": self.profile.train.max_length,
+                                           "fisher_type": "expected"})
 
     def statistics_for(self, method: str, experts: Mapping[str, Path],
                        tasks: Sequence[str] | None = None) -> list[Path] | None:
