@@ -1120,4 +1120,14 @@ def test_bench_threads_sets_torch_threads_for_the_run(
     assert code == 0 and seen == [1] and out.startswith("report")
     code, out, err = run_cli("bench", "--threads", "0", "--out", tmp_path / "b")
     assert code == 1 and out == ""
-    assert err == "neuromerge: error: --threads 0: needs at least 1 thread\n"
+    assert err == "neuromerge: error: --threads must be at least 1 (got 0)\n"
+
+
+@pytest.mark.parametrize("flag", ["--max-examples", "--batch-size", "--max-length"])
+def test_statistics_rejects_a_size_below_one_before_any_work(
+        run_cli: Callable[..., tuple[int, str, str]], tmp_path: Path, flag: str) -> None:
+    code, out, err = run_cli("statistics", "fisher", tmp_path / "model", "--data",
+                             tmp_path / "d.jsonl", "--out", tmp_path / "s.safetensors", flag, "0")
+    assert code == 1 and out == ""
+    assert err == f"neuromerge: error: {flag} must be at least 1 (got 0)\n"
+    assert not (tmp_path / "s.safetensors").exists()

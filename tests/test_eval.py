@@ -181,6 +181,7 @@ def test_eval_refusals(tmp_path: Path, run_cli: Any, fake_lm_eval: list[dict[str
     with pytest.raises(InputError, match="--include-path is not a folder"):
         evaluate(model, ["gsm8k"], include_path=tmp_path / "nope")
     for bad, msg in ((["--batch-size", "0"], "--batch-size must be at least 1"),
+                     (["--num-fewshot", "-1"], "--num-fewshot must be at least 0 (got -1)"),
                      (["--limit", "x"], "--limit: expected a count"),
                      (["--limit", "1.5"], "fraction in (0, 1]")):
         code, _, err = run_cli("eval", model, "--tasks", "gsm8k", *bad)

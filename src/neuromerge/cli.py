@@ -381,10 +381,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             batch = int(batch)
         except ValueError:
             raise ConfigError(f"--batch-size: expected a number or auto, got {batch!r}") from None
-        if batch < 1:
-            raise ConfigError(f"--batch-size must be at least 1 (got {batch})")
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise ConfigError(f"--num-fewshot must be at least 0 (got {args.num_fewshot})")
+        _at_least("--batch-size", batch, 1)
+    _at_least("--num-fewshot", args.num_fewshot, 0)
     results = evaluate(args.model, tasks, include_path=args.include_path,
                        limit=parse_limit(args.limit), num_fewshot=args.num_fewshot,
                        batch_size=batch, device=args.device, dtype=args.dtype, out=args.out,
@@ -408,7 +406,7 @@ def _lora_line(rec: dict[str, Any], out: Any) -> str:
 def _cmd_statistics(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from neuromerge.errors import ConfigError, OutputError
+    from neuromerge.errors import OutputError
     from neuromerge.statistics import compute_for_folder
 
     out = Path(args.out)
@@ -416,8 +414,7 @@ def _cmd_statistics(args: argparse.Namespace) -> int:
         raise OutputError(f"{out} exists (use --force to replace it)")
     for flag, value in (("--max-examples", args.max_examples), ("--batch-size", args.batch_size),
                         ("--max-length", args.max_length)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be at least 1 (got {value})")
+        _at_least(flag, value, 1)
     stats = compute_for_folder(
         args.kind, args.model, args.data, out, text_field=args.text_field,
         label_field=args.label_field, max_examples=args.max_examples,
@@ -429,6 +426,12 @@ def _cmd_statistics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least(flag: str, value: int | None, minimum: int) -> None:
+    """A numeric option below its minimum is a usage error (None: the option was not given)."""
+    if value is not None and value < minimum:
+        raise ConfigError(f"{flag} must be at least {minimum} (got {value})")
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from neuromerge.bench.runner import run_benchmark
     from neuromerge.registry import get_method
@@ -438,8 +441,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         get_method(m)  # an unknown name fails before any work
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads {args.threads}: needs at least 1 thread")
+        _at_least("--threads", args.threads, 1)
         import torch
 
         torch.set_num_threads(args.threads)
