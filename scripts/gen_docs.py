@@ -5,7 +5,7 @@
 
 from pathlib import Path
 
-from neuromerge.cli import methods_markdown
+from neuromerge.cli.methods import methods_markdown
 from neuromerge.registry import all_methods
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ prints, and the README names every method and the commands it promises."""
 
 from pathlib import Path
 
-from neuromerge.cli import methods_markdown
+from neuromerge.cli.methods import methods_markdown
 from neuromerge.registry import all_methods
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from neuromerge.errors import ConfigError, InputError, OutputError
-from neuromerge.evaluate import evaluate, parse_limit, results_table
+from neuromerge.harness_eval import evaluate, parse_limit, results_table
 from tests.helpers import tiny_causal_lm
 
 DOCS = [
