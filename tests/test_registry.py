@@ -12,12 +12,12 @@ from pydantic import Field
 from neuromerge import merge_state_dicts
 from neuromerge.errors import ConfigError
 from neuromerge.registry import (
-    _REGISTRY,
     TensorContext,
     all_methods,
     describe_type,
     get_method,
     merge_method,
+    unregister,
 )
 
 
@@ -77,7 +77,7 @@ def test_describe_type() -> None:
 @pytest.fixture
 def scratch_method() -> Iterator[None]:
     yield
-    _REGISTRY.pop("test_scaled_mean", None)
+    unregister("test_scaled_mean")
 
 
 def test_a_new_method_is_a_decorated_function(scratch_method: None) -> None:

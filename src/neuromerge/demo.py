@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from neuromerge.engine import log
 from neuromerge.examples import make_bert_family
 from neuromerge.io.reader import open_checkpoint
 from neuromerge.pipeline import merge
 from neuromerge.registry import all_methods
+
+log = logging.getLogger("neuromerge")
 
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:

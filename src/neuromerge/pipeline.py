@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,18 +15,24 @@ from typing import Any
 import yaml
 
 from neuromerge import __version__
-from neuromerge.architectures import Architecture, read_architecture, tied_copies
+from neuromerge.architectures import Architecture, read_architecture
 from neuromerge.config import MergeConfig, config_from_dict, load_config
-from neuromerge.engine import MergeResult, TensorPlan, build_plan, log, run
-from neuromerge.errors import ConfigError, InputError, OutputError
+from neuromerge.engine import MergeJob, MergePlan, MergeResult, prepare
+from neuromerge.errors import ConfigError, InputError
 from neuromerge.io.card import input_record, model_card
-from neuromerge.io.dtypes import NAME_TO_TORCH, dtype_name
 from neuromerge.io.lora import is_adapter_folder, open_expert, write_lora
 from neuromerge.io.model_folder import copy_support_files
-from neuromerge.io.reader import CheckpointReader, TensorMeta, fingerprint, open_checkpoint
-from neuromerge.io.writer import OutputFolder, ShardedSafetensorsWriter, parse_size
+from neuromerge.io.reader import CheckpointReader, fingerprint, open_checkpoint
+from neuromerge.io.writer import (
+    OutputFolder,
+    ShardedSafetensorsWriter,
+    parse_size,
+    refuse_overlap,
+)
 from neuromerge.statistics import open_statistics
 from neuromerge.vocab import VocabAlignment, align_vocabularies
+
+log = logging.getLogger("neuromerge")
 
 
 def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
@@ -45,23 +52,84 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
     ``lora_rank`` (or the config's ``save_lora``) also writes the merged delta as a LoRA adapter
     of that rank to ``out_dir/lora`` (truncated SVD; errors in the merge record).
     """
-    cfg = _as_config(config)
-    if overrides:
-        cfg = cfg.with_overrides(dict(overrides))
-    method = cfg.method
-    params = cfg.validated_parameters()
+    cfg = _with_overrides(config, overrides)
+    params = cfg.validated_parameters()  # config errors before any file is opened
     shard_size = parse_size(max_shard_size if max_shard_size is not None else cfg.max_shard_size)
     limit = None if memory_limit is None else parse_size(memory_limit, what="--memory-limit")
     out = Path(out_dir)
     rank = lora_rank if lora_rank is not None else cfg.save_lora
     if rank is not None and rank < 1:
         raise ConfigError(f"--save-lora: the LoRA rank must be at least 1 (got {rank})")
+    with contextlib.ExitStack() as stack:
+        inputs = stack.enter_context(open_inputs(cfg))
+        refuse_overlap(out, [inputs.base_path, *inputs.expert_paths, *inputs.stat_paths])
+        folder = OutputFolder(out, force=force)  # refuses an existing output before any work
+        if inputs.base_path.is_file():
+            log.warning("the base is a bare weights file: no config.json or tokenizer to copy, "
+                        "so %s will hold weights only", out)
+        log.info("merging %d models into %s with %s", len(inputs.experts), out, cfg.merge_method)
+        prints = [fingerprint(r) for r in (inputs.base, *inputs.experts)]
+        job = _prepare(cfg, params, inputs, device=device, memory_limit=limit,
+                       read_ahead=read_ahead)
+        tmp = stack.enter_context(folder)
+        writer = ShardedSafetensorsWriter(tmp, job.output_metas(), shard_size)
+        result = job.execute(writer, progress=progress)
+        writer.close()
+        if rank is not None:
+            result.extra["lora"] = _save_lora(inputs.base, tmp, rank, inputs.architecture,
+                                              cfg.base_model, out)
+        copy_support_files(inputs.base_path, tmp, out_dtype=cfg.out_dtype)
+        if inputs.vocab is not None:
+            inputs.vocab.write(tmp, inputs.base_path)
+        _write_card_and_record(tmp, cfg, inputs, prints, job.method, result, writer)
+    result.output = out
+    log.info("wrote %s (%d shard%s, %.2f GB) in %.1f s", out, len(writer.filenames),
+             "" if len(writer.filenames) == 1 else "s", writer.total_size / 1e9,
+             result.seconds["total"])
+    return result
 
+
+def plan_merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str], *,
+               overrides: Mapping[str, Any] | None = None, device: str = "cpu",
+               memory_limit: str | int | None = None) -> MergePlan:
+    """The plan of a merge without merging: headers, config.json and the statistics files'
+    headers only (and, where a base stores tied embeddings twice, the reads that check the
+    copies are equal). What ``neuromerge merge --dry-run`` prints."""
+    cfg = _with_overrides(config, overrides)
+    params = cfg.validated_parameters()
+    limit = None if memory_limit is None else parse_size(memory_limit, what="--memory-limit")
+    with open_inputs(cfg) as inputs:
+        return _prepare(cfg, params, inputs, device=device, memory_limit=limit).plan
+
+
+@dataclass
+class MergeInputs:
+    """The open readers of a config's models (headers read, no tensor yet), the base's
+    architecture and, where ``vocab`` / ``tokenizer_source`` ask for one, the vocabulary
+    alignment; ``aligned`` are the readers the merge reads (wrapped by the alignment)."""
+
+    base_path: Path
+    expert_paths: list[Path]
+    stat_paths: list[Path]
+    base: CheckpointReader
+    experts: list[CheckpointReader]
+    statistics: list[CheckpointReader]
+    architecture: Architecture
+    vocab: VocabAlignment | None
+
+    @property
+    def aligned(self) -> list[CheckpointReader]:
+        return [self.base, *self.experts] if self.vocab is None else self.vocab.wrap()
+
+
+@contextlib.contextmanager
+def open_inputs(cfg: MergeConfig) -> Iterator[MergeInputs]:
+    """Open every input a config names, closing them on exit."""
+    method = cfg.method
     base_path = cfg.resolve_path(cfg.base_model)
     expert_paths = [cfg.resolve_path(e.model) for e in cfg.models]
     stat_paths = ([cfg.resolve_path(e.statistics) for e in cfg.models if e.statistics]
                   if method.needs else [])
-
     with contextlib.ExitStack() as stack:
         base = _open_base(base_path)  # headers only: cheap, and errors come early
         stack.callback(base.close)
@@ -73,107 +141,44 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
         for e, p in zip(cfg.models, stat_paths, strict=False):
             statistics.append(open_statistics(p, method.needs, model=e.model))
             stack.callback(statistics[-1].close)
-        _refuse_overlap(out, [base_path, *expert_paths, *stat_paths])
-        folder = OutputFolder(out, force=force)  # refuses an existing output before any work
-        if base_path.is_file():
-            log.warning("the base is a bare weights file: no config.json or tokenizer to copy, "
-                        "so %s will hold weights only", out)
-        log.info("merging %d models into %s with %s", len(experts), out, method.name)
-        tmp = stack.enter_context(folder)
-        writer: list[ShardedSafetensorsWriter] = []
-
-        def sink_factory(plan: list[TensorPlan]) -> ShardedSafetensorsWriter:
-            writer.append(ShardedSafetensorsWriter(
-                tmp, [(p.name, _out_meta(p)) for p in plan], shard_size))
-            return writer[0]
-
-        prints = [fingerprint(r) for r in (base, *experts)]
         arch = read_architecture(base_path)
         vocab = _vocab(cfg, base_path, expert_paths, base, experts)
-        aligned = [base, *experts] if vocab is None else vocab.wrap()
-        merge_base, merge_experts = aligned[0], aligned[1:]
         if vocab is not None and arch.vocab_sizes:
             arch = dataclasses.replace(arch, vocab_sizes=(vocab.rows,))  # tied copies
-        result = run(merge_base, merge_experts, method, params, sink_factory,
-                     model_keys=[e.model for e in cfg.models],
-                     per_model=[e.parameters for e in cfg.models],
-                     tensor_class=cfg.tensor_class, missing_tensors=cfg.missing_tensors,
-                     dtype=cfg.dtype, out_dtype=cfg.out_dtype, device=device,
-                     progress=progress, memory_limit=limit, read_ahead=read_ahead,
-                     architecture=arch, neuron_axes=cfg.neuron_axis,
-                     statistics=statistics or None)
-        writer[0].close()
-        if rank is not None:
-            result.extra["lora"] = _save_lora(base, tmp, rank, arch, cfg.base_model, out)
-        copy_support_files(base_path, tmp, out_dtype=cfg.out_dtype)
-        if vocab is not None:
-            vocab.write(tmp, base_path)
-        as_given = cfg.model_dump(exclude_defaults=False)
-        roles = ["base"] + [f"expert {i + 1}" for i in range(len(experts))]
-        paths = [cfg.base_model] + [e.model for e in cfg.models]
-        inputs = [input_record(role, path, r, fp) for role, path, r, fp in
-                  zip(roles, paths, (base, *experts), prints, strict=True)]
-        (tmp / "README.md").write_text(model_card(
-            version=__version__, method=method, config=as_given, inputs=inputs, result=result))
-        _write_record(tmp, as_given, result, writer[0])
-    result.output = out
-    log.info("wrote %s (%d shard%s, %.2f GB) in %.1f s", out, len(writer[0].filenames),
-             "" if len(writer[0].filenames) == 1 else "s", writer[0].total_size / 1e9,
-             result.seconds["total"])
-    return result
+        yield MergeInputs(base_path, expert_paths, stat_paths, base, experts, statistics, arch,
+                          vocab)
 
 
-@dataclass
-class MergePlan:
-    """What ``neuromerge merge --dry-run`` shows: every tensor's kind and neuron axis, the
-    architecture read from the base's config.json, the tied copies left out."""
-
-    architecture: Architecture
-    tensors: list[TensorPlan]
-    tied: dict[str, str]
-
-    def table(self) -> str:
-        rows = [("tensor", "shape", "dtype", "kind", "neuron axis", "why")]
-        for p in self.tensors:
-            axis = str(p.neuron_axis) if p.kind == "neuronal" else "-"
-            why = p.axis_reason if p.kind == "neuronal" else p.reason
-            rows.append((p.name, "x".join(map(str, p.meta.shape)) or "scalar",
-                         dtype_name(p.meta.dtype), p.kind, axis, why))
-        rows += [(copy, "", "", "tied", "-", f"= {kept}, left out") for copy, kept
-                 in self.tied.items()]
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = [f"architecture: {self.architecture.describe()}"]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[5]
-                  for r in rows]
-        return "\n".join(line.rstrip() for line in lines)
+def _prepare(cfg: MergeConfig, params: dict[str, Any], inputs: MergeInputs, *, device: str,
+             memory_limit: int | None, read_ahead: bool = True) -> MergeJob:
+    merge_base, *merge_experts = inputs.aligned
+    return prepare(merge_base, merge_experts, cfg.method, params,
+                   model_keys=[e.model for e in cfg.models],
+                   per_model=[e.parameters for e in cfg.models],
+                   tensor_class=cfg.tensor_class, missing_tensors=cfg.missing_tensors,
+                   dtype=cfg.dtype, out_dtype=cfg.out_dtype, device=device,
+                   memory_limit=memory_limit, read_ahead=read_ahead,
+                   architecture=inputs.architecture, neuron_axes=cfg.neuron_axis,
+                   statistics=inputs.statistics or None)
 
 
-def plan_merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]) -> MergePlan:
-    """The plan of a merge without merging: headers and config.json only (and, where a base
-    stores tied embeddings twice, the reads that check the copies are equal)."""
+def _with_overrides(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
+                    overrides: Mapping[str, Any] | None) -> MergeConfig:
     cfg = _as_config(config)
-    base_path = cfg.resolve_path(cfg.base_model)
-    with contextlib.ExitStack() as stack:
-        base = _open_base(base_path)
-        stack.callback(base.close)
-        experts: list[CheckpointReader] = []
-        for e in cfg.models:
-            experts.append(open_expert(cfg.resolve_path(e.model), base_path))
-            stack.callback(experts[-1].close)
-        arch = read_architecture(base_path)
-        vocab = _vocab(cfg, base_path, [cfg.resolve_path(e.model) for e in cfg.models], base,
-                       experts)
-        if vocab is not None:
-            wrapped = vocab.wrap()
-            base, experts = wrapped[0], wrapped[1:]
-            if arch.vocab_sizes:
-                arch = dataclasses.replace(arch, vocab_sizes=(vocab.rows,))
-        tied = tied_copies(base, experts, arch)
-        plan = build_plan(base, experts, tensor_class=cfg.tensor_class,
-                          missing_tensors=cfg.missing_tensors, architecture=arch,
-                          neuron_axes=cfg.neuron_axis, omit=tied,
-                          out_dtype=NAME_TO_TORCH[cfg.out_dtype] if cfg.out_dtype else None)
-    return MergePlan(arch, plan, tied)
+    return cfg.with_overrides(dict(overrides)) if overrides else cfg
+
+
+def _write_card_and_record(folder: Path, cfg: MergeConfig, inputs: MergeInputs,
+                           prints: list[str], method: Any, result: MergeResult,
+                           writer: ShardedSafetensorsWriter) -> None:
+    as_given = cfg.model_dump(exclude_defaults=False)
+    roles = ["base"] + [f"expert {i + 1}" for i in range(len(inputs.experts))]
+    paths = [cfg.base_model] + [e.model for e in cfg.models]
+    records = [input_record(role, path, r, fp) for role, path, r, fp in
+               zip(roles, paths, (inputs.base, *inputs.experts), prints, strict=True)]
+    (folder / "README.md").write_text(model_card(
+        version=__version__, method=method, config=as_given, inputs=records, result=result))
+    _write_record(folder, as_given, result, writer)
 
 
 def _vocab(cfg: MergeConfig, base_path: Path, expert_paths: list[Path],
@@ -223,38 +228,23 @@ def _as_config(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]
     return load_config(config)
 
 
-def _out_meta(p: TensorPlan) -> TensorMeta:
-    return TensorMeta(p.meta.shape, p.out_dtype)
-
-
-def _refuse_overlap(out: Path, inputs: list[Path]) -> None:
-    """With --force the output folder is replaced: it must not be, contain, or sit inside an
-    input folder, nor contain an input file."""
-    o = out.resolve()
-    for p in inputs:
-        r = p.resolve()
-        inside_input_folder = r.is_dir() and r in o.parents
-        if o == r or o in r.parents or inside_input_folder:
-            raise OutputError(f"{out}: output would overlap the input {p}; choose another folder")
-
-
 def _write_record(folder: Path, config: Mapping[str, Any], result: MergeResult,
                   writer: ShardedSafetensorsWriter) -> None:
     """Machine-readable twins of the card: the config with resolved parameters, and the stats."""
     resolved = dict(config)
     resolved["parameters"] = result.params
     (folder / "neuromerge_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    stats = result.stats
+    trim = result.trim
     record = {
         "neuromerge_version": __version__,
         "method": result.method,
         "parameters": result.params,
         "models": result.model_names,
         "statistics": [e.get("statistics") for e in config.get("models", [])],
-        "trim": None if stats is None else {
-            "scope": stats.scope, "density": stats.density, "n_entries": stats.n_entries,
-            "k": stats.k, "thresholds": stats.thresholds, "sigma": stats.sigma,
-            "l1_total": stats.l1_total, "l1_kept": stats.l1_kept},
+        "trim": None if trim is None else {
+            "scope": trim.scope, "density": trim.density, "n_entries": trim.n_entries,
+            "k": trim.k, "thresholds": trim.thresholds, "sigma": trim.sigma,
+            "l1_total": trim.l1_total, "l1_kept": trim.l1_kept},
         "tensors": result.counts,
         "shards": writer.filenames,
         "seconds": result.seconds,

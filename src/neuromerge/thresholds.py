@@ -36,8 +36,9 @@ def select_bytes(n_tasks: int, band: int) -> int:
 class MagnitudeSelect:
     """Streaming exact selection of the k-th largest value among non-negative float32 values.
 
-    Usage: ``add`` every chunk (pass 1), ``locate(k)``, ``refine`` every chunk again (pass 2),
-    then read ``threshold`` and ``kept_l1`` (sum of the values ≥ threshold).
+    Usage: ``add`` every chunk (pass 1), ``locate(k)`` (or ``fork(k)`` for each of several k),
+    ``refine`` every chunk again (pass 2, skipped where ``needs_refine`` is False), then
+    ``result()``: the exact k-th largest value and the L1 mass of the values ≥ it.
     """
 
     def __init__(self, device: torch.device | str = "cpu", *, track_l1: bool = True) -> None:

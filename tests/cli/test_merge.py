@@ -579,3 +579,40 @@ def test_bare_file_inputs(
     assert not (a / "config.json").exists()  # nothing to copy beside a bare file
     card = (a / "README.md").read_text()
     assert f"`{files[0]}`" in card
+
+
+def test_dry_run_writes_the_plan_as_json_with_overrides_and_limit(
+        tmp_path: Path, bert_family: Callable[..., Any], write_config: Callable[..., Path],
+        run_cli: Callable[..., tuple[int, str, str]]) -> None:
+    base, experts = bert_family(n_experts=2)
+    cfg = write_config("ties", base, experts)
+    code, out, err = run_cli("merge", cfg, "--dry-run", "-p", "density=0.3",
+                             "--plan-json", tmp_path / "plan.json")
+    assert code == 0, err
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["method"] == "ties" and plan["params"]["density"] == 0.3
+    assert plan["models"] == [str(e) for e in experts]
+    merged = [t for t in plan["tensors"] if t["kind"] != "copy"]
+    assert merged and all(t["params"]["density"] == 0.3 for t in merged)
+    assert all([s["model"] for s in t["sources"]] == ["base", *map(str, experts)]
+               for t in merged)
+    assert all(t["units"] is None for t in plan["tensors"])  # no limit: every tensor whole
+    assert "threshold" in plan["passes"][0]  # ties' default global trim runs first
+    assert "pass before the merge: trim over the whole model" in out
+    # the memory limit is part of the plan (its budget sizes the row blocks)
+    code, out, err = run_cli("merge", cfg, "--dry-run", "--memory-limit", "4GB",
+                             "--plan-json", "-")
+    assert code == 0, err
+    plan = json.loads(out)  # '-': the JSON alone on standard output
+    assert plan["memory"]["limited"] is True
+    assert not list(tmp_path.glob("*merged*"))
+
+
+def test_plan_json_needs_dry_run(tmp_path: Path, bert_family: Callable[..., Any],
+                                 write_config: Callable[..., Path],
+                                 run_cli: Callable[..., tuple[int, str, str]]) -> None:
+    base, experts = bert_family(n_experts=2)
+    cfg = write_config("ties", base, experts)
+    code, _, err = run_cli("merge", cfg, tmp_path / "out", "--plan-json", tmp_path / "p.json")
+    assert code == 1 and "--plan-json goes with --dry-run" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "p.json").exists()

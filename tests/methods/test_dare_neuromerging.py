@@ -45,7 +45,7 @@ def test_auto_lambda2_is_one_and_lambda_point_follows_it() -> None:
     base, experts = family()
     r = merge_state_dicts(base, experts, "dare_neuromerging", {"seed": 5})
     assert r.params["lambda2"] == 1.0 and r.params["lambda_point"] == 1.0
-    assert r.stats is None  # no model-wide pass: nothing to measure
+    assert r.trim is None  # no model-wide pass: nothing to measure
     r2 = merge_state_dicts(base, experts, "dare_neuromerging", {"seed": 5, "lambda2": 1.5})
     assert r2.params["lambda_point"] == 1.5
 

@@ -519,7 +519,7 @@ def test_lambda2_auto_global_trim_by_hand(caplog: pytest.LogCaptureFixture) -> N
     #   kept 8 of 9.5 -> sigma2 = 1.5/9.5 = 3/19  (keeping only 3 would give 7/19)
     # task 3: all zero -> sigma3 = 0
     # lambda2 = 1/(1 - 3/19) = 19/16 = 1.1875
-    st = res.stats
+    st = res.trim
     assert st is not None
     assert st.n_entries == 6 and st.k == 3
     assert st.thresholds == pytest.approx((1.0, 2.0, 0.0), abs=0)
@@ -538,8 +538,8 @@ def test_lambda2_auto_global_trim_by_hand(caplog: pytest.LogCaptureFixture) -> N
     assert torch.equal(res.state_dict["ids"], base["ids"])
     # density 0.4: k = ceil(0.4 * 6) = ceil(2.4) = 3 as well (not floor = 2)
     res4 = neuromerge.merge_state_dicts(base, experts, "neuromerging", {"density": 0.4})
-    assert res4.stats is not None and res4.stats.k == 3
-    assert res4.stats.thresholds == pytest.approx((1.0, 2.0, 0.0), abs=0)
+    assert res4.trim is not None and res4.trim.k == 3
+    assert res4.trim.thresholds == pytest.approx((1.0, 2.0, 0.0), abs=0)
     assert res4.params["lambda2"] == pytest.approx(19 / 16, rel=1e-12)
     assert_close(res4.state_dict["w"], res.state_dict["w"], **F32_TOL)
 
@@ -554,8 +554,8 @@ def test_lambda2_auto_tensor_scope_sigma_is_model_wide() -> None:
     #   model-wide sigma1 = (2 + .5)/10.5 = 5/21   (per-tensor max would be 1/3)
     # task 2: w keeps all (2nd largest is 0), b all zero -> sigma2 = 0
     # lambda2 = 1/(1 - 5/21) = 21/16 = 1.3125
-    assert res.stats is not None and res.stats.thresholds is None
-    assert res.stats.sigma == pytest.approx((5 / 21, 0.0), rel=1e-12, abs=1e-15)
+    assert res.trim is not None and res.trim.thresholds is None
+    assert res.trim.sigma == pytest.approx((5 / 21, 0.0), rel=1e-12, abs=1e-15)
     assert res.params["lambda2"] == pytest.approx(21 / 16, rel=1e-12)
     # w row0: tau1 (4,3): c = 4, orth (0,3); row1: tau2 (0,1) parallel -> O = [[0,3],[0,0]]
     assert_close(res.state_dict["w"], t32([[1, 3 * 21 / 16], [0, 1]]), **F32_TOL)
@@ -569,8 +569,8 @@ def test_lambda2_auto_tensor_scope_sigma_is_model_wide() -> None:
 def test_density_one_keeps_everything() -> None:
     base, experts = global_example()
     res = neuromerge.merge_state_dicts(base, experts, "neuromerging", {"density": 1.0})
-    assert res.stats is not None
-    assert res.stats.sigma == (0.0, 0.0, 0.0)
+    assert res.trim is not None
+    assert res.trim.sigma == (0.0, 0.0, 0.0)
     assert res.params["lambda2"] == 1.0
     # untrimmed w row0: orth (0,3) -> O (0,3); row1 (w0 = (0,1)): tau1 (-1,.5) orth (-1,0),
     #   tau2 (1.5,-2) orth (1.5,0): one direction, A = +-(-1, 1.5, 0) -> sum +-.5 -> 1.5
@@ -608,7 +608,7 @@ def test_identical_experts_give_base_back() -> None:
     res = neuromerge.merge_state_dicts(base, experts, "neuromerging", {"density": 0.2,
                                                                        "lambda1": 0.5})
     assert res.params["lambda2"] == 1.0
-    assert res.stats is not None and res.stats.sigma == (0.0, 0.0)
+    assert res.trim is not None and res.trim.sigma == (0.0, 0.0)
     for k, v in base.items():
         assert torch.equal(res.state_dict[k], v), k
 

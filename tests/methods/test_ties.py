@@ -41,8 +41,8 @@ def test_global_trim_ranks_over_all_tensors() -> None:
     g = merge_state_dicts(base, [e1], "ties", {"density": 0.5, "trim_scope": "global"})
     assert_close(g.state_dict["x"], e1["x"])
     assert_close(g.state_dict["y"], torch.zeros(4))
-    assert g.stats is not None and g.stats.thresholds == (5.0,)
-    assert g.stats.k == 4 and g.stats.n_entries == 8
+    assert g.trim is not None and g.trim.thresholds == (5.0,)
+    assert g.trim.k == 4 and g.trim.n_entries == 8
     p = merge_state_dicts(base, [e1], "ties", {"density": 0.5, "trim_scope": "tensor"})
     assert_close(p.state_dict["x"], torch.tensor([0.0, 0.0, 7.0, 8.0]))
     assert_close(p.state_dict["y"], torch.tensor([0.0, 0.0, 0.3, 0.4]))

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 from typing import Any
 
 from neuromerge.cli.common import add_device_option, key_value, log
-from neuromerge.errors import ConfigError
+from neuromerge.errors import ConfigError, OutputError
 
 EPILOG = """\
 example:
   neuromerge merge merge.yaml ./merged
   neuromerge merge merge.yaml ./merged -p density=0.1 -p lambda2=1.5 --force
   neuromerge merge merge.yaml ./merged --memory-limit 8GB --device cuda
+  neuromerge merge merge.yaml --dry-run --memory-limit 8GB --plan-json plan.json
 
 merge.yaml (close to mergekit's schema):
   merge_method: neuromerging
@@ -53,8 +57,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "merged in row blocks, with the same result (default: tensors are split "
                         "only beyond half the memory available)")
     m.add_argument("--dry-run", action="store_true",
-                   help="print the plan (each tensor's kind and neuron axis, read from the "
-                        "base's config.json and the config) and write nothing")
+                   help="print the plan and write nothing: each tensor's kind and neuron axis "
+                        "(read from the base's config.json and the config), the parameters "
+                        "(-p applied), the units of work (row blocks under --memory-limit) and "
+                        "the passes that run before the merge; every input is checked")
+    m.add_argument("--plan-json", default=None, metavar="FILE",
+                   help="with --dry-run: also write the whole plan as JSON to FILE ('-': "
+                        "standard output, instead of the table): every output tensor's "
+                        "sources, kind, neuron axis, parameters and units")
     m.add_argument("--save-lora", type=int, default=None, metavar="RANK",
                    help="also write the merged delta as a PEFT LoRA adapter of rank RANK to "
                         "OUT_DIR/lora (truncated SVD of each 2-D weight's delta; the relative "
@@ -70,18 +80,26 @@ def run(args: argparse.Namespace) -> int:
     from neuromerge.pipeline import merge, plan_merge
 
     cfg = load_config(args.config)
-    if args.dry_run:
-        print(plan_merge(cfg).table())
-        return 0
-    if args.out_dir is None:
-        raise ConfigError("merge: the output folder is missing (neuromerge merge CONFIG "
-                          "OUT_DIR; --dry-run needs none)")
+    if args.plan_json is not None and not args.dry_run:
+        raise ConfigError("merge: --plan-json goes with --dry-run (the plan of a merge that "
+                          "runs is in OUT_DIR/neuromerge_result.json)")
     overrides = dict(args.params)
     if args.seed is not None:
         if "seed" in cfg.method.param_names:
             overrides["seed"] = args.seed
         else:
             log.info("--seed ignored: %s is deterministic", cfg.merge_method)
+    if args.dry_run:
+        plan = plan_merge(cfg, overrides=overrides, device=args.device,
+                          memory_limit=args.memory_limit)
+        if args.plan_json is not None:
+            _write_json(plan.to_dict(), args.plan_json)
+        if args.plan_json != "-":
+            print(plan.table())
+        return 0
+    if args.out_dir is None:
+        raise ConfigError("merge: the output folder is missing (neuromerge merge CONFIG "
+                          "OUT_DIR; --dry-run needs none)")
     result = merge(cfg, args.out_dir, force=args.force, device=args.device,
                    progress=not args.quiet, max_shard_size=args.max_shard_size,
                    overrides=overrides, memory_limit=args.memory_limit,
@@ -92,6 +110,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"merged {len(result.model_names)} models with {result.method} into "
               f"{result.output} in {result.seconds['total']:.1f} s")
     return 0
+
+
+def _write_json(data: dict[str, Any], target: str) -> None:
+    text = json.dumps(data, indent=1) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        Path(target).write_text(text)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write the plan ({exc.strerror or exc})") from None
 
 
 def _lora_line(rec: dict[str, Any], out: Any) -> str:

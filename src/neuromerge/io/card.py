@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from neuromerge.registry import MergeMethod
+from neuromerge.method_api import MethodSpec
 
 
 def _size(nbytes: int) -> str:
@@ -24,7 +24,7 @@ def _value(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else f"`{v}`"
 
 
-def model_card(*, version: str, method: MergeMethod, config: Mapping[str, Any],
+def model_card(*, version: str, method: MethodSpec, config: Mapping[str, Any],
                inputs: Sequence[Mapping[str, Any]], result: Any) -> str:
     """``inputs``: dicts with role, path, size (bytes), files, fingerprint (may be empty)."""
     lines = [
@@ -56,9 +56,9 @@ def model_card(*, version: str, method: MergeMethod, config: Mapping[str, Any],
     given = config.get("parameters", {}) or {}
     for k, v in result.params.items():
         lines.append(f"| {k} | {_value(v)} | {_value(given[k]) if k in given else 'default'} |")
-    stats = result.stats
-    if stats is not None:
-        lines += ["", f"## Trimming ({stats.scope} scope, density {stats.density})", "",
+    trim = result.trim
+    if trim is not None:
+        lines += ["", f"## Trimming ({trim.scope} scope, density {trim.density})", "",
                   "σt is the share of task t's L1 mass removed by the trim, over the whole model.",
                   ""]
         if "lambda2" in result.params and given.get("lambda2", "auto") == "auto":
@@ -66,14 +66,14 @@ def model_card(*, version: str, method: MergeMethod, config: Mapping[str, Any],
                       f"= 1/(1 - max σt).", ""]
         head = "| task | model | σ | ‖τ‖₁ | ‖trim(τ)‖₁ |"
         sep = "|---|---|---|---|---|"
-        if stats.thresholds is not None:
+        if trim.thresholds is not None:
             head, sep = head + " threshold |", sep + "---|"
         lines += [head, sep]
         for t, name in enumerate(result.model_names):
-            row = (f"| {t + 1} | `{name}` | {stats.sigma[t]:.6f} | {stats.l1_total[t]:.6g} | "
-                   f"{stats.l1_kept[t]:.6g} |")
-            if stats.thresholds is not None:
-                row += f" {stats.thresholds[t]:.6g} |"
+            row = (f"| {t + 1} | `{name}` | {trim.sigma[t]:.6f} | {trim.l1_total[t]:.6g} | "
+                   f"{trim.l1_kept[t]:.6g} |")
+            if trim.thresholds is not None:
+                row += f" {trim.thresholds[t]:.6g} |"
             lines.append(row)
     c = result.counts
     lines += ["", "## Tensors", "",

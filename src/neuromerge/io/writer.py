@@ -213,3 +213,14 @@ class OutputFolder:
         os.replace(self.tmp, self.target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def refuse_overlap(out: Path, inputs: list[Path]) -> None:
+    """With --force the output folder is replaced: it must not be, contain, or sit inside an
+    input folder, nor contain an input file."""
+    o = out.resolve()
+    for p in inputs:
+        r = p.resolve()
+        inside_input_folder = r.is_dir() and r in o.parents
+        if o == r or o in r.parents or inside_input_folder:
+            raise OutputError(f"{out}: output would overlap the input {p}; choose another folder")

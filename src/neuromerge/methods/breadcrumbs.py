@@ -34,7 +34,7 @@ def breadcrumbs_mask(tv: torch.Tensor, density: float, gamma: float) -> torch.Te
 
 
 @merge_method(name="breadcrumbs", reference_url="https://arxiv.org/abs/2312.06795",
-              row_local=False)
+              row_local=False, linear_in=("scale",))
 def breadcrumbs(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     density: Annotated[float, Field(

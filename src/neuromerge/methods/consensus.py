@@ -27,7 +27,7 @@ def tall_mask_counts(taus: Iterable[torch.Tensor], multi: torch.Tensor, lam: flo
     return count
 
 
-@merge_method(name="consensus_ta", reference_url=_REFERENCE)
+@merge_method(name="consensus_ta", reference_url=_REFERENCE, linear_in=("scale",))
 def consensus_ta(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     k: ConsensusK = 2,
@@ -52,7 +52,7 @@ def consensus_ta(
                                                                device=multi.device))
 
 
-@merge_method(name="consensus_ties", reference_url=_REFERENCE, trims=True)
+@merge_method(name="consensus_ties", reference_url=_REFERENCE, trims=True, linear_in=("scale",))
 def consensus_ties(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     density: Density = 0.2,

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field
 
+from neuromerge.errors import ConfigError
 from neuromerge.kernels import dare_drop, derive_seed, per_task, task_vectors, ties_merge, weigh
 from neuromerge.params import DropRate, Normalize, Rescale, Seed, Weight
-from neuromerge.registry import TensorContext, merge_method
+from neuromerge.registry import Mergekit, TensorContext, merge_method
 
 _REFERENCE = "https://arxiv.org/abs/2311.03099"
 
@@ -40,7 +41,23 @@ def _dropped(base: torch.Tensor, tensors: Sequence[torch.Tensor], drop_rate: flo
 _PER_MODEL = ("seed", "weight", "drop_rate")
 
 
-@merge_method(name="dare_linear", reference_url=_REFERENCE, per_model_params=_PER_MODEL)
+def mergekit_keep_rate(block: dict[str, Any], where: str) -> None:
+    """mergekit's DARE ``density`` is the keep probability: drop_rate = 1 − density."""
+    if "density" not in block:
+        return
+    if "drop_rate" in block:
+        raise ConfigError(f"{where}: give density (mergekit's keep probability) or drop_rate, "
+                          f"not both")
+    density = block.pop("density")
+    if not isinstance(density, int | float) or not 0 < density <= 1:
+        raise ConfigError(f"{where}.density: DARE's keep probability must be in (0, 1] "
+                          f"(got {density!r})")
+    block["drop_rate"] = 1.0 - float(density)
+
+
+@merge_method(name="dare_linear", reference_url=_REFERENCE, per_model_params=_PER_MODEL,
+              linear_in=("scale",),
+              mergekit=Mergekit(rewrite=mergekit_keep_rate, weighted_scale=1.0))
 def dare_linear(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     drop_rate: DropRate = 0.5,
@@ -63,7 +80,8 @@ def dare_linear(
     return base + scale * merged
 
 
-@merge_method(name="dare_ties", reference_url=_REFERENCE, per_model_params=_PER_MODEL)
+@merge_method(name="dare_ties", reference_url=_REFERENCE, per_model_params=_PER_MODEL,
+              linear_in=("scale",), mergekit=Mergekit(rewrite=mergekit_keep_rate))
 def dare_ties(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     drop_rate: DropRate = 0.5,

@@ -11,10 +11,18 @@ from pydantic import Field
 
 from neuromerge.errors import InputError
 from neuromerge.kernels import task_vectors
+from neuromerge.method_api import default_working_set
 from neuromerge.registry import TensorContext, merge_method
 
 
-@merge_method(name="fisher", reference_url="https://arxiv.org/abs/2111.09832", needs="fisher")
+def _working_set(n_models: int, compute_itemsize: int) -> int:
+    """The default working copies plus each model's Fisher, as stored (float32) and in the
+    compute dtype."""
+    return default_working_set(n_models, compute_itemsize) + n_models * (4 + compute_itemsize)
+
+
+@merge_method(name="fisher", reference_url="https://arxiv.org/abs/2111.09832", needs="fisher",
+              linear_in=("scale",), working_set=_working_set)
 def fisher(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     fisher_floor: Annotated[float, Field(

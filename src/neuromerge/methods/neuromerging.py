@@ -1,6 +1,6 @@
 """NeuroMerging (EMNLP 2025, arXiv 2503.05320): merge each neuron's task vectors separately in
 the subspace parallel to the pretrained neuron (a rescaling: input sensitivity) and in the
-subspace orthogonal to it (a rotation: task adaptability). Rules: shared/spec/neuromerging.md."""
+subspace orthogonal to it (a rotation: task adaptability). Rules: docs/spec/neuromerging.md."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from typing import Annotated, Any, Literal, NamedTuple
 import torch
 from pydantic import Field
 
+from neuromerge.errors import ConfigError
 from neuromerge.kernels import disjoint_mean, elect_sign, task_vectors, ties_merge, trim, weigh
-from neuromerge.methods.dare import dropped_task_vectors
+from neuromerge.methods.dare import dropped_task_vectors, mergekit_keep_rate
 from neuromerge.params import Density, DropRate, Seed, TrimScope, Weight
-from neuromerge.registry import TensorContext, TrimStats, merge_method
+from neuromerge.registry import Mergekit, TensorContext, TrimSummary, merge_method
 
 # Directions whose singular value is below this share of the row's largest are numerically null:
 # the Gram route squares the condition number, so s_j/s_max < ~1e-7 is noise in float64.
@@ -182,19 +183,19 @@ def merge_neurons(w0: torch.Tensor, tv: torch.Tensor, *, lambda1: float, lambda2
     return delta
 
 
-def lambda2_auto(stats: TrimStats | None) -> float:
+def lambda2_auto(trim: TrimSummary | None) -> float:
     """λ2 = 1/(1 − σ), σ = max_t σt = the largest share of a task's L1 mass the trim removed;
     equivalently max_t ‖τt‖₁ / ‖trim(τt)‖₁. 1 when nothing was trimmed."""
-    if stats is None:
+    if trim is None:
         return 1.0
-    ratios = [tot / kept for tot, kept in zip(stats.l1_total, stats.l1_kept, strict=True)
+    ratios = [tot / kept for tot, kept in zip(trim.l1_total, trim.l1_kept, strict=True)
               if tot > 0 and kept > 0]
     return max(ratios, default=1.0)
 
 
-def _resolve(params: dict[str, Any], stats: TrimStats | None) -> dict[str, Any]:
+def _resolve(params: dict[str, Any], trim: TrimSummary | None) -> dict[str, Any]:
     if params["lambda2"] == "auto":
-        params["lambda2"] = lambda2_auto(stats)
+        params["lambda2"] = lambda2_auto(trim)
     return _lambda_point_follows(params)
 
 
@@ -202,6 +203,38 @@ def _lambda_point_follows(params: dict[str, Any]) -> dict[str, Any]:
     if params["lambda_point"] is None:
         params["lambda_point"] = params["lambda2"]
     return params
+
+
+#: The merged delta is λ1 · P + λ2 · O (+ λ_point · TIES on point tensors): each component alone.
+_COMPONENTS = {"lambda1": {"lambda1": 1.0, "lambda2": 0.0, "lambda_point": 0.0},
+               "lambda2": {"lambda1": 0.0, "lambda2": 1.0, "lambda_point": 1.0}}
+
+
+def _working_set(n_models: int, compute_itemsize: int) -> int:
+    """Task vectors in the compute dtype and about six float64 per entry: the per-neuron
+    parallel and orthogonal parts and their SVD-frame coordinates."""
+    return (n_models + 1) * compute_itemsize + 6 * 8
+
+
+def mergekit_keys(block: dict[str, Any], where: str) -> None:
+    """A mergekit TIES / DARE file runs with one edit (merge_method): NeuroMerging's merges are
+    means (normalize: true is what it does) and it scales its two subspaces separately (λ1,
+    λ2), so mergekit's λ = 1 is a no-op and any other λ is refused."""
+    if block.get("normalize", True) is not True:
+        raise ConfigError(f"{where}.normalize: NeuroMerging's merges are means (normalize: "
+                          f"true); remove the key")
+    block.pop("normalize", None)
+    if "lambda" in block:
+        if block["lambda"] != 1:
+            raise ConfigError(f"{where}.lambda: NeuroMerging scales its two subspaces "
+                              f"separately: use lambda1 (parallel) and lambda2 (orthogonal) "
+                              f"instead")
+        del block["lambda"]
+
+
+def _mergekit_dare_keys(block: dict[str, Any], where: str) -> None:
+    mergekit_keys(block, where)
+    mergekit_keep_rate(block, where)
 
 
 # The parameters NeuroMerging and DARE + NeuroMerging share (one declaration each).
@@ -244,8 +277,9 @@ def merge_sparse_task_vectors(base: torch.Tensor, tv: torch.Tensor, ctx: TensorC
 
 @merge_method(
     name="neuromerging", reference_url="https://arxiv.org/abs/2503.05320", trims=True,
-    resolve=_resolve, needs_stats=lambda p: p["lambda2"] == "auto",
-    per_model_params=("weight", "density"),
+    resolve=_resolve, trim_pass_if=lambda p: p["lambda2"] == "auto",
+    per_model_params=("weight", "density"), linear_in=_COMPONENTS, working_set=_working_set,
+    mergekit=Mergekit(rewrite=mergekit_keys),
 )
 def neuromerging(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
@@ -277,7 +311,7 @@ def neuromerging(
         rank_threshold=rank_threshold, orthogonal_merge=orthogonal_merge, compat=compat)
 
 
-def _resolve_dare(params: dict[str, Any], stats: TrimStats | None) -> dict[str, Any]:
+def _resolve_dare(params: dict[str, Any], trim: TrimSummary | None) -> dict[str, Any]:
     if params["lambda2"] == "auto":
         params["lambda2"] = 1.0  # DARE's rescale already restores each task's expected L1 mass
     return _lambda_point_follows(params)
@@ -286,6 +320,8 @@ def _resolve_dare(params: dict[str, Any], stats: TrimStats | None) -> dict[str, 
 @merge_method(
     name="dare_neuromerging", reference_url="https://arxiv.org/abs/2503.05320",
     per_model_params=("seed", "weight", "drop_rate"), resolve=_resolve_dare,
+    linear_in=_COMPONENTS, working_set=_working_set,
+    mergekit=Mergekit(rewrite=_mergekit_dare_keys),
 )
 def dare_neuromerging(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,

@@ -67,7 +67,8 @@ def pcb_weights(tv: torch.Tensor, ratio: float, clip: float
     return signed, weights
 
 
-@merge_method(name="pcb", reference_url="https://arxiv.org/abs/2410.02396", row_local=False)
+@merge_method(name="pcb", reference_url="https://arxiv.org/abs/2410.02396", row_local=False,
+              linear_in=("scale",))
 def pcb(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     ratio: Annotated[float, Field(

@@ -14,7 +14,8 @@ from neuromerge.kernels import task_vectors
 from neuromerge.registry import TensorContext, merge_method
 
 
-@merge_method(name="regmean", reference_url="https://arxiv.org/abs/2212.09849", needs="regmean")
+@merge_method(name="regmean", reference_url="https://arxiv.org/abs/2212.09849",
+              needs="regmean", linear_in=("scale",))
 def regmean(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     offdiag_scale: Annotated[float, Field(

@@ -133,7 +133,7 @@ def _merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], ctx: TensorConte
     return base + alpha * delta.reshape(base.shape).to(base.dtype)
 
 
-@merge_method(name="tsv_m", reference_url=_TSV_REFERENCE, row_local=False)
+@merge_method(name="tsv_m", reference_url=_TSV_REFERENCE, row_local=False, linear_in=("alpha",))
 def tsv_m(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     alpha: Alpha = 1.0,
@@ -156,7 +156,7 @@ def tsv_m(
     return _merge(base, tensors, ctx, alpha, tsv_merge)
 
 
-@merge_method(name="iso_c", reference_url=_ISO_REFERENCE, row_local=False)
+@merge_method(name="iso_c", reference_url=_ISO_REFERENCE, row_local=False, linear_in=("alpha",))
 def iso_c(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     alpha: Alpha = 1.0,
@@ -175,7 +175,8 @@ def iso_c(
     return _merge(base, tensors, ctx, alpha, iso_c_merge)
 
 
-@merge_method(name="iso_cts", reference_url=_ISO_REFERENCE, row_local=False)
+@merge_method(name="iso_cts", reference_url=_ISO_REFERENCE, row_local=False,
+              linear_in=("alpha",))
 def iso_cts(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     alpha: Alpha = 1.0,

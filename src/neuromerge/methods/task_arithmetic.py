@@ -10,11 +10,12 @@ from pydantic import Field
 
 from neuromerge.kernels import task_vectors, weigh
 from neuromerge.params import Normalize, Weight
-from neuromerge.registry import TensorContext, merge_method
+from neuromerge.registry import Mergekit, TensorContext, merge_method
 
 
 @merge_method(name="task_arithmetic", reference_url="https://arxiv.org/abs/2212.04089",
-              per_model_params=("weight",))
+              per_model_params=("weight",), linear_in=("scale",),
+              mergekit=Mergekit(weighted_scale=1.0))
 def task_arithmetic(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     scale: Annotated[float, Field(description="λ, the scale of the summed task vectors "
@@ -40,7 +41,7 @@ def _divisor(weights: Sequence[float]) -> float:
 
 
 @merge_method(name="linear", reference_url="https://arxiv.org/abs/2203.05482",
-              per_model_params=("weight",))
+              per_model_params=("weight",), mergekit=Mergekit(first_model_is_base=True))
 def linear(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     weight: Weight = 1.0,

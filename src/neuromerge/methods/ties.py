@@ -14,7 +14,7 @@ from neuromerge.registry import TensorContext, merge_method
 
 
 @merge_method(name="ties", reference_url="https://arxiv.org/abs/2306.01708", trims=True,
-              per_model_params=("weight", "density"))
+              per_model_params=("weight", "density"), linear_in=("scale",))
 def ties(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     density: Density = 0.2,

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import neuromerge.engine as engine
 from neuromerge import merge_state_dicts
+from neuromerge.engine import memory, trim_pass, units
 from neuromerge.errors import ConfigError
 from neuromerge.io.reader import TensorMeta, open_checkpoint
 from neuromerge.kernels import RNG_CHUNK, uniform_stream
@@ -76,11 +77,11 @@ def tie_heavy_models(n_experts: int = 3) -> tuple[dict, list[dict]]:
 def merged(method: str, params: dict, base: dict, experts: list[dict], *,
            max_entries: int | None, monkeypatch: pytest.MonkeyPatch) -> engine.MergeResult:
     if max_entries is None:
-        monkeypatch.setattr(engine, "memory_budget", lambda limit: 1 << 40)
+        monkeypatch.setattr(memory, "memory_budget", lambda limit: 1 << 40)
     else:
         # a budget that admits max_entries entries per block for these inputs
-        per = engine.bytes_per_entry(len(experts), 4, torch.float32)
-        monkeypatch.setattr(engine, "memory_budget", lambda limit: per * max_entries)
+        per = units.bytes_per_entry(len(experts), 4, torch.float32)
+        monkeypatch.setattr(memory, "memory_budget", lambda limit: per * max_entries)
     keyed = {f"m{i}": e for i, e in enumerate(experts)}
     return merge_state_dicts(base, keyed, method, params,
                              statistics=toy_statistics(method, experts))
@@ -111,7 +112,7 @@ def test_compute_blocks_read_once_and_give_the_whole_tensor_result(
     blocks (row-local methods only) from inputs read once and held: same result, one read."""
     base, experts = tie_heavy_models()
     whole = merged(method, params, base, experts, max_entries=None, monkeypatch=monkeypatch)
-    monkeypatch.setattr(engine, "COMPUTE_BLOCK_ENTRIES", 7)
+    monkeypatch.setattr(units, "COMPUTE_BLOCK_ENTRIES", 7)
     blocks = merged(method, params, base, experts, max_entries=None, monkeypatch=monkeypatch)
     assert blocks.extra["row_blocks"] == {}
     if get_method(method).row_local:
@@ -130,15 +131,15 @@ def test_tie_breaks_matter_in_this_data(monkeypatch: pytest.MonkeyPatch) -> None
     base, experts = tie_heavy_models()
     whole = merged("ties", {"trim_scope": "tensor", "density": 1.0}, base, experts,
                    max_entries=None, monkeypatch=monkeypatch)
-    real = engine._prepare_blocks
+    real = trim_pass.prepare_blocks
 
     def naive(*args, **kwargs):  # type: ignore[no-untyped-def]
         fields = real(*args, **kwargs)
         return {**fields, "sums": None}
 
-    monkeypatch.setattr(engine, "_prepare_blocks", naive)
-    per = engine.bytes_per_entry(3, 4, torch.float32)
-    monkeypatch.setattr(engine, "memory_budget", lambda limit: per * 6)
+    monkeypatch.setattr(trim_pass, "prepare_blocks", naive)
+    per = units.bytes_per_entry(3, 4, torch.float32)
+    monkeypatch.setattr(memory, "memory_budget", lambda limit: per * 6)
     naive_out = merge_state_dicts(base, {f"m{i}": e for i, e in enumerate(experts)}, "ties",
                                   {"trim_scope": "tensor", "density": 1.0})
     assert not torch.equal(naive_out.state_dict["emb"], whole.state_dict["emb"])
@@ -146,18 +147,18 @@ def test_tie_breaks_matter_in_this_data(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_split_rows() -> None:
     meta = TensorMeta((10, 4), torch.float32)
-    assert engine.split_rows(meta, 40) == [None]
-    assert engine.split_rows(meta, 12) == [(0, 3), (3, 6), (6, 9), (9, 10)]
-    assert engine.split_rows(meta, 1) == [(i, i + 1) for i in range(10)]  # at least one row
-    assert engine.split_rows(TensorMeta((), torch.float32), 0) == [None]
-    assert engine.split_rows(TensorMeta((1, 99), torch.float32), 5) == [None]
+    assert units.split_rows(meta, 40) == [None]
+    assert units.split_rows(meta, 12) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert units.split_rows(meta, 1) == [(i, i + 1) for i in range(10)]  # at least one row
+    assert units.split_rows(TensorMeta((), torch.float32), 0) == [None]
+    assert units.split_rows(TensorMeta((1, 99), torch.float32), 5) == [None]
 
 
 def test_a_method_that_needs_whole_tensors_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     base, experts = tie_heavy_models()
     whole_only = dataclasses.replace(get_method("average"), row_local=False)
-    per = engine.bytes_per_entry(3, 4, torch.float32)
-    monkeypatch.setattr(engine, "memory_budget", lambda limit: per * 10)
+    per = units.bytes_per_entry(3, 4, torch.float32)
+    monkeypatch.setattr(memory, "memory_budget", lambda limit: per * 10)
     with pytest.raises(ConfigError, match=r"'emb' does not fit the memory budget .* not "
                                           r"row-local\): raise --memory-limit"):
         merge_state_dicts(base, experts, whole_only)
@@ -168,8 +169,8 @@ def test_whole_tensor_methods_are_refused_rather_than_blocked(
         method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not get_method(method).row_local
     base, experts = tie_heavy_models()
-    per = engine.bytes_per_entry(3, 4, torch.float32)
-    monkeypatch.setattr(engine, "memory_budget", lambda limit: per * 10)
+    per = units.bytes_per_entry(3, 4, torch.float32)
+    monkeypatch.setattr(memory, "memory_budget", lambda limit: per * 10)
     with pytest.raises(ConfigError, match=r"not row-local"):
         merge_state_dicts(base, experts, method)
 
@@ -210,13 +211,13 @@ def test_each_run_sets_its_own_mmap_threshold_and_trims_under_a_limit(
     tensor; the next run without a limit sets 32 MB again (no setting is cached across runs),
     and trims only when much of the heap is free."""
     libc = _FakeLibc()
-    monkeypatch.setattr(engine, "_libc", lambda: libc)
-    monkeypatch.setattr(engine, "_mallinfo2", lambda: lambda: type("I", (), {"fordblks": 0})())
-    monkeypatch.setattr(engine.sys, "platform", "linux")
+    monkeypatch.setattr(memory, "_libc", lambda: libc)
+    monkeypatch.setattr(memory, "_mallinfo2", lambda: lambda: type("I", (), {"fordblks": 0})())
+    monkeypatch.setattr(memory.sys, "platform", "linux")
     base = {"w": torch.randn(64, 32), "b": torch.randn(64)}
     experts = [{k: v + 0.1 * torch.randn(v.shape) for k, v in base.items()} for _ in range(2)]
     # the same budget on both limited runs: the same threshold, which must be set again
-    monkeypatch.setattr(engine, "memory_budget",
+    monkeypatch.setattr(memory, "memory_budget",
                         lambda limit: 64 << 20 if limit else 1 << 40)
     for limit in (1 << 30, None, 1 << 30):
         libc.calls.clear()
@@ -274,8 +275,8 @@ def test_cuda_row_blocks_match_cpu_whole(method: str, params: dict,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     base, experts = generic_models()
     whole = merged(method, params, base, experts, max_entries=None, monkeypatch=monkeypatch)
-    per = engine.bytes_per_entry(len(experts), 4, torch.float32)
-    monkeypatch.setattr(engine, "memory_budget", lambda limit: per * 7)
+    per = units.bytes_per_entry(len(experts), 4, torch.float32)
+    monkeypatch.setattr(memory, "memory_budget", lambda limit: per * 7)
     gpu = merge_state_dicts(base, {f"m{i}": e for i, e in enumerate(experts)}, method, params,
                             device="cuda")
     assert gpu.extra["row_blocks"]

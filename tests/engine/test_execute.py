@@ -7,7 +7,8 @@ import torch
 from torch.testing import assert_close
 
 from neuromerge import merge_state_dicts
-from neuromerge.engine import build_plan, compute_dtype, resolve_device
+from neuromerge.devices import compute_dtype, resolve_device
+from neuromerge.engine import build_plan
 from neuromerge.errors import ConfigError, InputError
 from neuromerge.io.reader import StateDictReader
 from neuromerge.registry import all_methods
@@ -101,23 +102,23 @@ def test_non_finite_inputs_are_refused(bad: float) -> None:
 
 def test_stats_pass_runs_only_when_needed() -> None:
     base, experts = family()
-    assert merge_state_dicts(base, experts, "task_arithmetic").stats is None
-    assert merge_state_dicts(base, experts, "ties", {"density": 1.0}).stats is None
-    assert merge_state_dicts(base, experts, "ties", {"trim_scope": "tensor"}).stats is None
+    assert merge_state_dicts(base, experts, "task_arithmetic").trim is None
+    assert merge_state_dicts(base, experts, "ties", {"density": 1.0}).trim is None
+    assert merge_state_dicts(base, experts, "ties", {"trim_scope": "tensor"}).trim is None
     r = merge_state_dicts(base, experts, "ties", {"density": 0.3})
-    assert r.stats is not None and r.stats.thresholds is not None
+    assert r.trim is not None and r.trim.thresholds is not None
     r = merge_state_dicts(base, experts, "neuromerging", {"trim_scope": "tensor"})
-    assert r.stats is not None and r.stats.thresholds is None  # σ for λ2 = auto only
+    assert r.trim is not None and r.trim.thresholds is None  # σ for λ2 = auto only
     r = merge_state_dicts(base, experts, "neuromerging", {"lambda2": 1.0, "density": 1.0})
-    assert r.stats is None and r.params["lambda2"] == 1.0 and r.params["lambda_point"] == 1.0
+    assert r.trim is None and r.params["lambda2"] == 1.0 and r.params["lambda_point"] == 1.0
 
 
 def test_global_trim_counts_only_merged_tensors() -> None:
     base, experts = family()
     r = merge_state_dicts(base, experts, "ties", {"density": 0.5},
                           tensor_class={"emb.*": "copy"})
-    assert r.stats is not None
-    assert r.stats.n_entries == 3 * 4 + 3 + 1  # fc.weight, fc.bias, scale
+    assert r.trim is not None
+    assert r.trim.n_entries == 3 * 4 + 3 + 1  # fc.weight, fc.bias, scale
 
 
 def test_global_trim_reads_the_inputs_once_plus_a_sample() -> None:
@@ -128,13 +129,13 @@ def test_global_trim_reads_the_inputs_once_plus_a_sample() -> None:
                for _ in range(3)]
     size = sum(v.numel() * 4 for v in base.values()) * 4  # base + 3 experts, float32
     r = merge_state_dicts(base, experts, "ties", {"density": 0.2})
-    assert r.stats is not None
+    assert r.trim is not None
     ref = merge_state_dicts(base, experts, "ties", {"density": 0.2, "trim_scope": "tensor"})
     assert ref.bytes_read == size  # the merge pass alone
     assert r.bytes_read < 2.1 * size  # stats pass + sample + merge pass; not 3 passes
     flat = [torch.cat([(e[k] - base[k]).abs().reshape(-1) for k in base]) for e in experts]
     k = -(-2 * flat[0].numel() // 10)
-    assert r.stats.thresholds == tuple(float(f.sort(descending=True).values[k - 1])
+    assert r.trim.thresholds == tuple(float(f.sort(descending=True).values[k - 1])
                                        for f in flat)
 
 
@@ -229,7 +230,7 @@ def test_experts_may_lack_tensors_that_are_copied_from_the_base() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_all_finite_is_exact(dtype: torch.dtype) -> None:
-    from neuromerge.engine import all_finite
+    from neuromerge.engine.inputs import all_finite
 
     big = torch.finfo(dtype).max
     t = torch.full((1000,), big / 4, dtype=dtype)  # the float32 sum overflows, entries finite

@@ -21,6 +21,7 @@ from pydantic import (
     field_validator,
 )
 
+from neuromerge.config.mergekit import from_mergekit
 from neuromerge.errors import ConfigError, InputError
 from neuromerge.registry import MergeMethod, get_method
 
@@ -216,91 +217,3 @@ def load_config(path: str | os.PathLike[str]) -> MergeConfig:
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{p}: YAML error{where}: {problem}") from None
     return config_from_dict(data, source=str(p), root=p.resolve().parent)
-
-
-#: Methods whose mergekit ``density`` is DARE's keep probability: drop_rate = 1 − density.
-_DARE_METHODS = ("dare_linear", "dare_ties", "dare_neuromerging")
-#: NeuroMerging takes a mergekit TIES / DARE file with one edit: its merges are means (normalize:
-#: true is what it does) and it scales its two subspaces separately (λ1, λ2), so λ = 1 is a no-op.
-_NEUROMERGING = ("neuromerging", "dare_neuromerging")
-#: Methods whose λ defaults to 0.3 without weights, but to 1 (mergekit's) when weights are given.
-_WEIGHTED_SUMS = ("task_arithmetic", "dare_linear")
-
-
-def _neuromerging_keys(block: dict[str, Any], loc: str) -> None:
-    if block.get("normalize", True) is not True:
-        raise ConfigError(f"{loc}.normalize: NeuroMerging's merges are means (normalize: true); "
-                          f"remove the key")
-    block.pop("normalize", None)
-    if "lambda" in block:
-        if block["lambda"] != 1:
-            raise ConfigError(f"{loc}.lambda: NeuroMerging scales its two subspaces separately: "
-                              f"use lambda1 (parallel) and lambda2 (orthogonal) instead")
-        del block["lambda"]
-
-
-def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
-    """A mergekit config rewritten in neuromerge's terms (docs/mergekit.md); a neuromerge config
-    passes unchanged. The input is not modified.
-
-    ``lambda`` → ``scale``; DARE's ``density`` (keep probability) → ``drop_rate = 1 − density``;
-    ``int8_mask`` (a memory option of mergekit's) is dropped; ``linear`` without ``base_model``
-    takes the first model as the base (only its shapes and support files are used); λ defaults
-    to 1 for task_arithmetic / dare_linear when weights are given. Per-layer gradients (lists)
-    and tensor filters (dicts) are refused."""
-    out = dict(data)
-    method = out.get("merge_method")
-    models = out.get("models")
-    entries = [dict(m) if isinstance(m, dict) else m for m in models] if isinstance(
-        models, list) else models
-    where = ["parameters"] + [f"models[{i}].parameters" for i in range(len(entries or []))]
-    blocks = [out.get("parameters")] + [e.get("parameters") if isinstance(e, dict) else None
-                                        for e in (entries or [])]
-    new_blocks = []
-    for loc, block in zip(where, blocks, strict=True):
-        if not isinstance(block, dict):
-            new_blocks.append(block)
-            continue
-        block = dict(block)
-        for key, value in block.items():
-            if isinstance(value, list):
-                raise ConfigError(f"{loc}.{key}: per-layer gradients (lists) are not supported: "
-                                  f"give one number for the whole model")
-            if isinstance(value, dict):
-                raise ConfigError(f"{loc}.{key}: per-tensor filters (mappings) are not "
-                                  f"supported: give one number, or use tensor_class to copy "
-                                  f"tensors from the base")
-        block.pop("int8_mask", None)  # mergekit's mask dtype: a memory option, no effect on values
-        if method in _NEUROMERGING:
-            _neuromerging_keys(block, loc)
-        if "lambda" in block:
-            if "scale" in block:
-                raise ConfigError(f"{loc}: give lambda or scale, not both (they are the same λ)")
-            block["scale"] = block.pop("lambda")
-        if method in _DARE_METHODS and "density" in block:
-            if "drop_rate" in block:
-                raise ConfigError(f"{loc}: give density (mergekit's keep probability) or "
-                                  f"drop_rate, not both")
-            density = block.pop("density")
-            if not isinstance(density, int | float) or not 0 < density <= 1:
-                raise ConfigError(f"{loc}.density: DARE's keep probability must be in (0, 1] "
-                                  f"(got {density!r})")
-            block["drop_rate"] = 1.0 - float(density)
-        new_blocks.append(block)
-    if isinstance(out.get("parameters"), dict):
-        out["parameters"] = new_blocks[0]
-    if isinstance(entries, list):
-        for e, block in zip(entries, new_blocks[1:], strict=True):
-            if isinstance(e, dict) and isinstance(block, dict):
-                e["parameters"] = block
-        out["models"] = entries
-    params = out.get("parameters") if isinstance(out.get("parameters"), dict) else {}
-    weighted = "weight" in params or any(
-        isinstance(b, dict) and "weight" in b for b in new_blocks[1:])
-    if method in _WEIGHTED_SUMS and weighted and "scale" not in params:
-        out["parameters"] = {**params, "scale": 1.0}
-    if method == "linear" and out.get("base_model") is None and isinstance(entries, list) \
-            and entries:
-        first = entries[0]
-        out["base_model"] = first.get("model") if isinstance(first, dict) else first
-    return out

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import neuromerge.engine as engine
 from neuromerge import merge, merge_state_dicts
 from neuromerge.architectures import UNKNOWN, from_config, neuron_axis, tied_copies
+from neuromerge.engine import memory, units
 from neuromerge.errors import ConfigError
 from neuromerge.io.reader import StateDictReader, TensorMeta, open_checkpoint
 from neuromerge.io.writer import ShardedSafetensorsWriter
@@ -99,10 +100,10 @@ def test_column_blocks_give_the_whole_tensor_result(method: str, params: dict,
                                                     max_entries: int,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     base, experts = conv1d_models()
-    monkeypatch.setattr(engine, "memory_budget", lambda limit: 1 << 40)
+    monkeypatch.setattr(memory, "memory_budget", lambda limit: 1 << 40)
     whole = merge_state_dicts(base, experts, method, params, config=GPT2)
-    per = engine.bytes_per_entry(len(experts), 4, torch.float32)
-    monkeypatch.setattr(engine, "memory_budget", lambda limit: per * max_entries)
+    per = units.bytes_per_entry(len(experts), 4, torch.float32)
+    monkeypatch.setattr(memory, "memory_budget", lambda limit: per * max_entries)
     blocks = merge_state_dicts(base, experts, method, params, config=GPT2)
     assert blocks.extra["row_blocks"][FC] == (9 if max_entries == 1 else 5)  # 6 entries/neuron
     for name, value in whole.state_dict.items():
@@ -217,10 +218,10 @@ def test_blocked_conv1d_merge_from_files(tmp_path: Path,
         paths.append(tmp_path / f"m{i}")
     cfg = {"merge_method": "neuromerging", "base_model": str(paths[0]),
            "models": [str(p) for p in paths[1:]], "parameters": {"lambda1": 0.5}}
-    monkeypatch.setattr(engine, "memory_budget", lambda limit: 1 << 40)
+    monkeypatch.setattr(memory, "memory_budget", lambda limit: 1 << 40)
     merge(cfg, tmp_path / "whole", progress=False)
-    per = engine.bytes_per_entry(2, 4, torch.float32)
-    monkeypatch.setattr(engine, "memory_budget", lambda limit: per * 13)
+    per = units.bytes_per_entry(2, 4, torch.float32)
+    monkeypatch.setattr(memory, "memory_budget", lambda limit: per * 13)
     result = merge(cfg, tmp_path / "blocks", progress=False)
     assert result.extra["row_blocks"][FC] == 5
     whole = load_file(str(tmp_path / "whole" / "model.safetensors"))

@@ -1,0 +1,77 @@
+"""mergekit's YAML in neuromerge's terms (docs/mergekit.md). What is generic lives here; what a
+method's mergekit parameters mean is declared with the method (``MethodSpec.mergekit``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from neuromerge.errors import ConfigError
+from neuromerge.method_api import Mergekit, get_method
+
+
+def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
+    """A mergekit config rewritten in neuromerge's terms; a neuromerge config passes unchanged.
+    The input is not modified.
+
+    Every method: ``lambda`` → ``scale``; ``int8_mask`` (a memory option of mergekit's) is
+    dropped; per-layer gradients (lists) and tensor filters (dicts) are refused. Then what the
+    method declares: DARE's ``density`` (keep probability) → ``drop_rate = 1 − density``;
+    NeuroMerging's ``normalize`` / ``lambda``; λ = 1 for task_arithmetic / dare_linear when
+    weights are given; ``linear`` without ``base_model`` takes the first model as the base (only
+    its shapes and support files are used)."""
+    out = dict(data)
+    method = out.get("merge_method")
+    compat = _compat(method)
+    models = out.get("models")
+    entries = [dict(m) if isinstance(m, dict) else m for m in models] if isinstance(
+        models, list) else models
+    where = ["parameters"] + [f"models[{i}].parameters" for i in range(len(entries or []))]
+    blocks = [out.get("parameters")] + [e.get("parameters") if isinstance(e, dict) else None
+                                        for e in (entries or [])]
+    new_blocks = [_block(block, loc, compat) if isinstance(block, dict) else block
+                  for loc, block in zip(where, blocks, strict=True)]
+    if isinstance(out.get("parameters"), dict):
+        out["parameters"] = new_blocks[0]
+    if isinstance(entries, list):
+        for e, block in zip(entries, new_blocks[1:], strict=True):
+            if isinstance(e, dict) and isinstance(block, dict):
+                e["parameters"] = block
+        out["models"] = entries
+    params = out.get("parameters") if isinstance(out.get("parameters"), dict) else {}
+    weighted = "weight" in params or any(
+        isinstance(b, dict) and "weight" in b for b in new_blocks[1:])
+    if compat.weighted_scale is not None and weighted and "scale" not in params:
+        out["parameters"] = {**params, "scale": compat.weighted_scale}
+    if compat.first_model_is_base and out.get("base_model") is None \
+            and isinstance(entries, list) and entries:
+        first = entries[0]
+        out["base_model"] = first.get("model") if isinstance(first, dict) else first
+    return out
+
+
+def _compat(method: Any) -> Mergekit:
+    # an unknown method is reported by the config's validation, with the list of known ones
+    try:
+        return get_method(method).mergekit if isinstance(method, str) else Mergekit()
+    except ConfigError:
+        return Mergekit()
+
+
+def _block(block: dict[str, Any], loc: str, compat: Mergekit) -> dict[str, Any]:
+    block = dict(block)
+    for key, value in block.items():
+        if isinstance(value, list):
+            raise ConfigError(f"{loc}.{key}: per-layer gradients (lists) are not supported: "
+                              f"give one number for the whole model")
+        if isinstance(value, dict):
+            raise ConfigError(f"{loc}.{key}: per-tensor filters (mappings) are not "
+                              f"supported: give one number, or use tensor_class to copy "
+                              f"tensors from the base")
+    block.pop("int8_mask", None)  # mergekit's mask dtype: a memory option, no effect on values
+    if compat.rewrite is not None:
+        compat.rewrite(block, loc)
+    if "lambda" in block:
+        if "scale" in block:
+            raise ConfigError(f"{loc}: give lambda or scale, not both (they are the same λ)")
+        block["scale"] = block.pop("lambda")
+    return block
