@@ -12,8 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from neuromerge.bench.report import write_report
-from neuromerge.bench.runner import Results
+from neuromerge.bench.benchmark_report import write_report
+from neuromerge.bench.results import Results
 
 if __name__ == "__main__":
     src = Path(sys.argv[1]).expanduser()

@@ -17,14 +17,14 @@ import time
 def one(threads: int, task: str, seed: int, n: int) -> float:
     import torch
 
-    from neuromerge.bench.runner import open_bench
+    from neuromerge.bench.benchmark import open_bench
     from neuromerge.statistics import fisher_diagonal
 
     torch.set_num_threads(threads)
     bench = open_bench("full", "bench-results/time-threads", seeds=(seed,), progress=False)
     sd = bench.prepare(seed, train=False)
     # the same model and batches as the benchmark's statistics, on the first n examples
-    model, batches, prefix = bench.statistics_inputs(task, sd.experts[task], n)
+    model, batches, prefix = bench.expert_cache.statistics_inputs(task, sd.experts[task], n)
     start = time.perf_counter()
     fisher_diagonal(model, batches, prefix=prefix)
     return time.perf_counter() - start

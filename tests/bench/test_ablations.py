@@ -1,6 +1,6 @@
 """``neuromerge bench --ablations`` on a tiny random BERT and synthetic keyword tasks: every
 ablation produces the settings it claims, tuned λ2 is chosen on validation, recombined settings
-equal direct merges, the task subsets are deterministic, and a rerun recomputes nothing."""
+equal direct merges, and a rerun recomputes nothing."""
 
 from __future__ import annotations
 
@@ -13,29 +13,23 @@ import pytest
 import torch
 
 from neuromerge import merge_state_dicts
-from neuromerge.bench.ablations import (
+from neuromerge.bench.ablation_plans import (
     ABLATIONS,
     AUTO,
-    PLANS,
-    Ablations,
-    Plan,
-    _ms,
-    _pct_of,
-    ablation_names,
-    density_settings,
     frame_settings,
     nm_setting,
-    run_ablations,
     subspace_settings,
-    task_subsets,
     trim_compat_settings,
 )
-from neuromerge.bench.evaluate import load_body
-from neuromerge.bench.runner import Profile, open_bench
+from neuromerge.bench.ablations import Ablations, run_ablations
+from neuromerge.bench.accuracy import load_body
+from neuromerge.bench.benchmark import open_bench
+from neuromerge.bench.profiles import Profile
 from neuromerge.bench.train import TrainConfig
 from neuromerge.errors import ConfigError
-from tests.bench.test_runner import splits, tiny_base  # noqa: F401 (fixture)
-from tests.bench.test_runner import synthetic as runner_synthetic
+from tests.bench.test_ablation_plans import PLAN
+from tests.bench.test_benchmark import splits, tiny_base  # noqa: F401 (fixture)
+from tests.bench.test_benchmark import synthetic as runner_synthetic
 
 synthetic = functools.partial(runner_synthetic, n=150)
 
@@ -43,77 +37,6 @@ synthetic = functools.partial(runner_synthetic, n=150)
 PROFILE = Profile("test", ("alpha", "beta", "gamma"), (0,), n_train=90, n_val=30, n_test=30,
                   train=TrainConfig(epochs=12, batch_size=16, lr=5e-3, max_length=16),
                   tune=True, eval_batch=32)
-PLAN = Plan(lambda1=(0.0, 2.0), lambda2=(0.0, AUTO, 2.0), rank_thresholds=(0.5,),
-            densities=(0.2, 1.0), lambda2_grid=(0.5, 2.0, 4.0),
-            task_methods=("task_arithmetic", "neuromerging"), subsets_per_size=2)
-
-
-def test_task_subsets_are_deterministic_and_cover_every_size() -> None:
-    tasks = [f"t{i}" for i in range(7)]
-    a = task_subsets(tasks, 3, seed=0)
-    assert a == task_subsets(tasks, 3, seed=0)
-    assert a != task_subsets(tasks, 3, seed=1)
-    sizes = [len(s) for s in a]
-    assert sizes == sorted(sizes) and set(sizes) == set(range(2, 8))
-    assert sizes.count(7) == 1 and sizes.count(6) == 3 and sizes.count(2) == 3
-    assert len(set(a)) == len(a) and all(len(set(s)) == len(s) for s in a)
-    assert task_subsets(tasks, 1, sizes=(2, 7)) == [task_subsets(tasks, 1)[0], tuple(tasks)]
-    with pytest.raises(ConfigError, match="cannot merge 8 of 7 tasks"):
-        task_subsets(tasks, 1, sizes=(8,))
-    # all subsets when there are few: 3 tasks give the 3 pairs and the triple
-    assert task_subsets(["a", "b", "c"], 5) == [("a", "b"), ("a", "c"), ("b", "c"),
-                                                  ("a", "b", "c")]
-
-
-def test_settings_are_what_each_ablation_claims() -> None:
-    sub = subspace_settings(PLAN)
-    assert len(sub) == 6 and {(s.lambda1, s.lambda2) for s in sub} == {
-        (a, b) for a in (0.0, 2.0) for b in (0.0, AUTO, 2.0)}
-    assert all(s.lambda_point == AUTO for s in sub)  # points fixed: only the subspaces vary
-    assert [s.label.split(":")[0] for s in sub] == [
-        "neither (points only)", "orthogonal only", "orthogonal only", "parallel only", "both",
-        "both"]
-    frame = frame_settings(PLAN)
-    assert [dict(s.fixed)["orthogonal_merge"] for s in frame] == ["svd", "ties", "svd"]
-    assert [dict(s.fixed)["rank_threshold"] for s in frame] == [1.0, 1.0, 0.5]
-    tc = {s.label: dict(s.fixed) for s in trim_compat_settings(PLAN)}
-    assert tc["per-tensor trim"]["trim_scope"] == "tensor"
-    assert tc["compat: official"]["compat"] == "official"
-    auto, grid = density_settings(PLAN, 0.05)
-    assert auto.lambda2 == AUTO and dict(auto.fixed)["density"] == 0.05
-    assert [s.lambda2 for s in grid] == [0.5, 2.0, 4.0]
-    # the default merge is one setting whichever ablation names it: it is scored once
-    default = nm_setting("x")
-    assert frame[0].key("c", "val") == default.key("c", "val") == \
-        trim_compat_settings(PLAN)[0].key("c", "val") == \
-        density_settings(PLAN, 0.2)[0].key("c", "val")
-    assert sub[1].key("c", "val") == default.key("c", "val")  # λ1 0, λ2 = λ_point = auto
-    with pytest.raises(ConfigError, match="non-linear"):
-        nm_setting("x", lambda3=1.0)
-
-
-def test_small_grid_is_a_subset_of_the_full_one() -> None:
-    full, small = PLANS["full"], PLANS["small"]
-    for name in ("lambda1", "densities", "task_methods", "rank_thresholds"):
-        assert set(getattr(small, name)) <= set(getattr(full, name)), name
-    assert len(subspace_settings(small)) == 4 and len(trim_compat_settings(small)) == 3
-    assert len(trim_compat_settings(full)) == 3 + 2 * 2  # official vs spec at λ1 = 1 and 3
-    assert small.splits == ("test",) and full.splits == ("val", "test")
-
-
-def test_cells_on_fewer_seeds_say_how_many() -> None:
-    assert _pct_of(_ms([0.5]), 3) == "50.0 [1 seed]"
-    assert _pct_of(_ms([0.4, 0.6]), 3) == "50.0 ± 14.1 [2 seeds]"
-    assert _pct_of(_ms([0.4, 0.6]), 2) == "50.0 ± 14.1"
-    assert _pct_of(_ms([0.5]), 1) == "50.0"
-    assert _pct_of(_ms([]), 3) == "–"
-
-
-def test_ablation_names() -> None:
-    assert ablation_names(None) == ABLATIONS
-    assert ablation_names("frame, tasks") == ("frame", "tasks")
-    with pytest.raises(ConfigError, match="unknown ablation 'subspace'"):
-        ablation_names("subspace")
 
 
 @pytest.fixture(scope="module")

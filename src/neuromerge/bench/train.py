@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from neuromerge.bench.accuracy import load_body
+
 
 class TextDataset(Protocol):
     texts: list[str]
@@ -110,8 +112,6 @@ def expert_classifier(expert: Path, num_labels: int) -> Any:
     """An expert as the classifier it was trained as: its body with its own head (what its
     data statistics are computed through)."""
     from transformers import AutoModelForSequenceClassification
-
-    from neuromerge.bench.evaluate import load_body
 
     body = load_body(expert / "body")
     cfg = body.config

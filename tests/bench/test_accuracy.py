@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuromerge.bench.evaluate import accuracy, load_body
+from neuromerge.bench.accuracy import accuracy, load_body
 from neuromerge.examples import tiny_bert
 
 

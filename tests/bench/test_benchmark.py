@@ -15,7 +15,8 @@ import yaml
 from torch.testing import assert_close
 
 from neuromerge import merge_state_dicts
-from neuromerge.bench.runner import SWEEPS, Bench, Profile, _combine, run_benchmark
+from neuromerge.bench.benchmark import Bench, recombine, run_benchmark
+from neuromerge.bench.profiles import SWEEPS, Profile
 from neuromerge.bench.train import TrainConfig
 from neuromerge.examples import save_tokenizer, tiny_bert
 
@@ -165,7 +166,7 @@ def test_linear_components_recombine_exactly(tiny_base: Path, tmp_path: Path, me
     (tmp_path / "o").mkdir()
     assert set(coeffs) == set(SWEEPS[method]["linear"])
     theta0, comps = bench.components(method, fixed, experts)
-    combined = _combine(theta0, comps, coeffs)
+    combined = recombine(theta0, comps, coeffs)
     direct = merge_state_dicts(
         base_sd, {str(experts[t] / "body"): expert_update(base_sd, i + 1)
                   for i, t in enumerate(("alpha", "beta"))}, method,
@@ -175,27 +176,3 @@ def test_linear_components_recombine_exactly(tiny_base: Path, tmp_path: Path, me
             assert_close(combined[k], v, rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(combined[k], v)
-
-
-def test_results_survive_a_line_cut_short_by_a_kill(tmp_path: Path) -> None:
-    from neuromerge.bench.runner import Results
-
-    path = tmp_path / "results.jsonl"
-    r = Results(path)
-    r.add({"key": "a", "accuracy": 0.5})
-    with path.open("a") as f:
-        f.write('{"key": "b", "accur')  # killed mid-write
-    again = Results(path)
-    assert set(again.records) == {"a"}
-    again.add({"key": "c", "accuracy": 0.7})
-    assert set(Results(path).records) == {"a", "c"}
-
-
-def test_quick_profile_merges_the_core_methods_and_full_merges_all() -> None:
-    from neuromerge.bench.runner import CORE_METHODS, PROFILES
-    from neuromerge.registry import all_methods, get_method
-
-    assert PROFILES["quick"].methods == CORE_METHODS
-    assert "neuromerging" in CORE_METHODS and all(get_method(m) for m in CORE_METHODS)
-    assert PROFILES["full"].methods is None  # every registered method
-    assert len(all_methods()) > len(CORE_METHODS)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from neuromerge.bench.report import (
+from neuromerge.bench.benchmark_report import (
     markdown_table,
     paired_differences,
     paired_table,
