@@ -7,15 +7,17 @@ tensor, layer and module type, plus the global trim's σ and the λ2 = auto it i
     >>> a = analyze("./base", ["./expert-a", "./expert-b"], "analysis-report")
     >>> a.summary["overall"]["energy"]["orthogonal_share"]      # one share per task
 
-Modules: ``stats`` (pure tensor functions), ``layout`` (tensor name → layer, module type),
-``runner`` (the streaming passes), ``report`` (markdown, JSON, CSV, PNG).
+Modules: ``measures`` (per-tensor sums and the ratios taken from them: pure tensor functions),
+``layout`` (tensor name → layer, module type), ``scan`` (the streaming passes: ``analyze``),
+``result`` (``Analysis``, what it returns), ``analysis_report`` (markdown, JSON, CSV) and
+``plots`` (PNG).
 """
 
 from neuromerge.analysis.layout import MODULES, NO_LAYER, Layout, locate, module_type
-from neuromerge.analysis.runner import (
+from neuromerge.analysis.result import Analysis
+from neuromerge.analysis.scan import (
     DEFAULT_CONFLICT_DENSITY,
     DEFAULT_DENSITIES,
-    Analysis,
     analyze,
     analyze_readers,
     trim_statistics,

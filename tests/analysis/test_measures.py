@@ -1,4 +1,4 @@
-"""The per-tensor statistics on hand-made tensors with hand-computed answers."""
+"""The per-tensor measures on hand-made tensors with hand-computed answers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from neuromerge.analysis.stats import (
+from neuromerge.analysis.measures import (
     CHistogram,
     add_into,
     cosine,
@@ -17,7 +17,7 @@ from neuromerge.analysis.stats import (
     empty_record,
     energy_split,
     frame_conflicts,
-    tensor_stats,
+    tensor_measures,
 )
 
 
@@ -40,7 +40,7 @@ def test_energy_split_by_hand() -> None:
 def test_exactly_parallel_expert_is_100_percent_parallel() -> None:
     w0 = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
     tv = torch.stack([0.5 * w0, -2 * w0])  # exact in float32: τ = c · w0 exactly
-    d = derive(tensor_stats(w0, tv, neuronal=True))
+    d = derive(tensor_measures(w0, tv, neuronal=True))
     assert d["energy"]["parallel_share"] == [1.0, 1.0]
     assert d["energy"]["orthogonal_share"] == [0.0, 0.0]
     assert d["c"]["mean"] == pytest.approx([0.5, -2], rel=1e-12)
@@ -49,7 +49,7 @@ def test_exactly_parallel_expert_is_100_percent_parallel() -> None:
 def test_expert_orthogonal_to_every_base_row_is_0_percent_parallel() -> None:
     w0 = t([[1, 0, 0], [0, 2, 0]])
     tv = t([[[0, 5, 1], [3, 0, -1]]])
-    d = derive(tensor_stats(w0, tv, neuronal=True))
+    d = derive(tensor_measures(w0, tv, neuronal=True))
     assert d["energy"]["parallel_share"] == [0.0]
     assert d["energy"]["orthogonal_share"] == [1.0]
     assert d["c"]["zero_share"] == [1.0]
@@ -58,7 +58,7 @@ def test_expert_orthogonal_to_every_base_row_is_0_percent_parallel() -> None:
 def test_zero_norm_pretrained_row_is_all_orthogonal() -> None:
     w0 = t([[0, 0], [1, 0]])
     tv = t([[[1, 1], [2, 0]]])  # row 0: c = 0 by the rule, all orthogonal; row 1: parallel
-    d = derive(tensor_stats(w0, tv, neuronal=True))
+    d = derive(tensor_measures(w0, tv, neuronal=True))
     assert d["energy"]["parallel_share"] == [pytest.approx(4 / 6)]
     assert d["energy"]["orthogonal_share"] == [pytest.approx(2 / 6)]
     assert all(math.isfinite(x) for x in d["c"]["mean"])
@@ -81,7 +81,7 @@ def test_opposite_experts_conflict_everywhere_and_have_cosine_minus_one() -> Non
     gen = torch.Generator().manual_seed(1)
     w0 = torch.randn(12, 6, generator=gen)
     tau = torch.randn(12, 6, generator=gen)
-    d = derive(tensor_stats(w0, torch.stack([tau, -tau]), neuronal=True))
+    d = derive(tensor_measures(w0, torch.stack([tau, -tau]), neuronal=True))
     assert d["cosine"] == [[1.0, -1.0], [-1.0, 1.0]]
     conf = d["conflicts"]
     assert conf["elementwise"]["rate"] == 1.0
@@ -97,7 +97,7 @@ def test_identical_experts_have_cosine_one_and_no_conflicts() -> None:
     gen = torch.Generator().manual_seed(2)
     w0 = torch.randn(10, 5, generator=gen)
     tau = torch.randn(10, 5, generator=gen)
-    d = derive(tensor_stats(w0, torch.stack([tau, tau, tau]), neuronal=True))
+    d = derive(tensor_measures(w0, torch.stack([tau, tau, tau]), neuronal=True))
     assert d["cosine"] == [[1.0] * 3] * 3
     for frame in ("elementwise", "svd"):
         assert d["conflicts"][frame]["rate"] == 0.0
@@ -124,7 +124,7 @@ def test_frame_conflicts_by_hand() -> None:
 def test_a_task_with_a_zero_orthogonal_row_does_not_contest() -> None:
     w0 = t([[1, 0]])
     tv = t([[[2, 0]], [[0, 3]]])  # task 0 purely parallel: its orthogonal row is exactly zero
-    d = derive(tensor_stats(w0, tv, neuronal=True))
+    d = derive(tensor_measures(w0, tv, neuronal=True))
     assert d["conflicts"]["svd"] == {"rate": None, "lost_energy": 0.0, "contested": 0,
                                      "conflicting": 0, "directions": 1}
 
@@ -132,7 +132,7 @@ def test_a_task_with_a_zero_orthogonal_row_does_not_contest() -> None:
 def test_point_tensors_have_no_subspace_energy() -> None:
     base = t([1, 2, 3])
     tv = t([[1, 0, -1], [1, 1, 1]])
-    rec = tensor_stats(base, tv, neuronal=False)
+    rec = tensor_measures(base, tv, neuronal=False)
     d = derive(rec)
     assert d["energy"]["parallel_share"] == [None, None]
     assert d["energy"]["point_share"] == [1.0, 1.0]
@@ -145,11 +145,11 @@ def test_trimmed_variant_and_its_default() -> None:
     w0 = t([[1, 0], [0, 1]])
     tv = t([[[1, 5], [0, 0]], [[-1, 4], [2, 2]]])
     trimmed = t([[[0, 5], [0, 0]], [[0, 4], [0, 2]]])  # task 1: orthogonal 4², parallel 2²
-    d = derive(tensor_stats(w0, tv, trimmed, neuronal=True))
+    d = derive(tensor_measures(w0, tv, trimmed, neuronal=True))
     assert d["conflicts"]["elementwise"]["rate"] == 0.5
     assert d["conflicts"]["elementwise_trimmed"]["rate"] == 0.0
     assert d["energy"]["orthogonal_share_trimmed"] == [1.0, pytest.approx(16 / 20)]
-    same = derive(tensor_stats(w0, tv, None, neuronal=True))
+    same = derive(tensor_measures(w0, tv, None, neuronal=True))
     assert same["conflicts"]["elementwise_trimmed"] == same["conflicts"]["elementwise"]
     assert same["energy"]["parallel_share_trimmed"] == same["energy"]["parallel_share"]
 
@@ -158,10 +158,10 @@ def test_records_of_row_blocks_add_up_to_the_tensor() -> None:
     gen = torch.Generator().manual_seed(3)
     w0 = torch.randn(9, 4, generator=gen)
     tv = torch.randn(3, 9, 4, generator=gen)
-    whole = tensor_stats(w0, tv, neuronal=True)
+    whole = tensor_measures(w0, tv, neuronal=True)
     parts = empty_record(3)
     for b in (slice(0, 4), slice(4, 9)):
-        add_into(parts, tensor_stats(w0[b], tv[:, b], neuronal=True))
+        add_into(parts, tensor_measures(w0[b], tv[:, b], neuronal=True))
     for k in whole:
         np.testing.assert_allclose(parts[k], whole[k], rtol=1e-9, atol=1e-12, err_msg=k)
 

@@ -1,12 +1,13 @@
 """``neuromerge analyze``: stream a base and its experts through the merge engine's plan and
-reader, tensor by tensor, and reduce every tensor to a few sums (``stats.Record``).
+reader, tensor by tensor, and reduce every tensor to a few sums (``measures.Record``).
 
 Three streaming passes over the inputs, each holding the tensors of one name (or one row block
 of a tensor too large for the memory budget) across the models, plus the one read ahead:
 
 1. each task's |τ| histogram for the global trim (``MagnitudeSelect``, as ``neuromerge merge``),
 2. its refinement at every density: the exact threshold, ‖trim(τt)‖₁, σt and λ2 = auto,
-3. the statistics, of the raw task vectors and of those trimmed at ``conflict_density``.
+3. the measures (``measures.tensor_measures``), of the raw task vectors and of those trimmed
+   at ``conflict_density``.
 
 The plan and its validation are the engine's (``build_plan``): an expert that does not match the
 base fails with the same one-line error as a merge.
@@ -19,7 +20,6 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,17 @@ import torch
 from tqdm.auto import tqdm
 
 from neuromerge import __version__
+from neuromerge.analysis.analysis_report import write_report
 from neuromerge.analysis.layout import NO_LAYER, Layout
-from neuromerge.analysis.report import write_report
-from neuromerge.analysis.stats import CHistogram, Record, add_into, derive, tensor_stats, total
+from neuromerge.analysis.measures import (
+    CHistogram,
+    Record,
+    add_into,
+    derive,
+    tensor_measures,
+    total,
+)
+from neuromerge.analysis.result import Analysis
 from neuromerge.architectures import UNKNOWN, Architecture, read_architecture
 from neuromerge.engine import (
     Kind,
@@ -53,28 +61,10 @@ from neuromerge.pipeline import _refuse_overlap
 from neuromerge.registry import TrimStats
 
 DEFAULT_DENSITIES = (0.1, 0.2, 0.5)
-#: The density of the trimmed statistics: NeuroMerging's (and TIES') default.
+#: The density of the trimmed measures: NeuroMerging's (and TIES') default.
 DEFAULT_CONFLICT_DENSITY = 0.2
 
 Source = str | os.PathLike[str] | Mapping[str, torch.Tensor]
-
-
-@dataclass
-class Analysis:
-    """What ``analyze`` found. ``summary`` is the content of ``analysis.json`` (per task, layer,
-    module type and their combinations: energies, c quantiles, conflicts, cosines, σ and λ2);
-    ``tensors`` one entry per merged tensor (name, kind, shape, layer, module and the same
-    derived numbers); ``records`` the underlying sums per tensor; ``hist`` the c histogram."""
-
-    summary: dict[str, Any]
-    tensors: list[dict[str, Any]]
-    records: dict[str, Record] = field(repr=False)
-    hist: CHistogram = field(repr=False)
-    output: Path | None = None
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.summary["tasks"])
 
 
 def analyze(base: Source, experts: Sequence[Source] | Mapping[str, Source],
@@ -86,12 +76,12 @@ def analyze(base: Source, experts: Sequence[Source] | Mapping[str, Source],
             read_ahead: bool = True, tensor_class: Mapping[str, Kind] | None = None,
             missing_tensors: str = "error", plots: bool = True) -> Analysis:
     """Analyse how the experts' task vectors split into NeuroMerging's subspaces and where they
-    interfere; with ``out``, write the report folder there (see ``report.write_report``).
+    interfere; with ``out``, write the report folder there (see ``analysis_report.write_report``).
 
     ``base`` and each expert are a checkpoint path (HF folder or weights file) or an in-memory
     state dict; ``experts`` may be a {name: source} mapping, otherwise tasks are named after the
     experts' folders (or ``names``). ``densities``: the global trim densities at which σ and
-    λ2 = auto are computed; ``conflict_density``: the trim of the "trimmed" statistics (added to
+    λ2 = auto are computed; ``conflict_density``: the trim of the "trimmed" measures (added to
     ``densities``). The report folder is written atomically; an existing one is replaced only
     with ``force``. ``memory_limit`` (``"8GB"`` or bytes) bounds the process as in a merge."""
     dens = _check_densities(densities, conflict_density)
@@ -147,7 +137,7 @@ def analyze_readers(base: CheckpointReader, experts: Sequence[CheckpointReader],
     dev = resolve_device(device)
     plan = build_plan(base, experts, tensor_class=tensor_class, missing_tensors=missing_tensors,
                       architecture=architecture)
-    # the statistics hold a trimmed copy and float64 row blocks beside the engine's working set
+    # the measures hold a trimmed copy and float64 row blocks beside the engine's working set
     units = plan_units(plan, base, experts, memory_budget(memory_limit) // 2, torch.float32)[0]
     merged = [u for u in units if u.plan.kind != "copy"]
     inputs = _Inputs(base, experts, dev, torch.float32, read_ahead=read_ahead)
@@ -166,15 +156,15 @@ def analyze_readers(base: CheckpointReader, experts: Sequence[CheckpointReader],
         base_c = inputs.to_compute(b)
         tv = task_vectors(base_c, [e.to(dev) for e in exs], torch.float32)
         tv_trim = trim(tv, conflict_density, thresholds) if thresholds is not None else None
-        rec = tensor_stats(base_c, tv, tv_trim, neuronal=u.plan.kind == "neuronal", hist=hist,
-                           hist_key=layout.module(name))
+        rec = tensor_measures(base_c, tv, tv_trim, neuronal=u.plan.kind == "neuronal", hist=hist,
+                              hist_key=layout.module(name))
         del tv, tv_trim, base_c, b, exs
         if name in records:
             add_into(records[name], rec)
         else:
             rec["tensors"] = rec["tensors"] + 1
             records[name] = rec
-    seconds = {"trim": t1 - t0, "statistics": time.perf_counter() - t1}
+    seconds = {"trim": t1 - t0, "statistics": time.perf_counter() - t1}  # keys of analysis.json
     return _assemble(plan, layout, records, hist, trims, list(tasks), base, experts,
                      densities=dens, conflict_density=conflict_density, seconds=seconds)
 

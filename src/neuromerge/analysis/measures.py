@@ -1,6 +1,6 @@
-"""Per-tensor statistics of task vectors: pure functions of tensors, no I/O.
+"""Per-tensor measures of task vectors: pure functions of tensors, no I/O.
 
-A tensor's statistics are a ``Record``: a dict of float64 numpy arrays (scalars, per-task
+A tensor's measures are a ``Record``: a dict of float64 numpy arrays (scalars, per-task
 vectors of length T, T × T matrices) that are all *sums* (counts, energies, dot products), so the
 record of a tensor is the sum of the records of its row blocks, and the record of a layer, a
 module type or the whole model is the sum of its tensors' records. Ratios (shares, rates,
@@ -53,7 +53,7 @@ from neuromerge.methods.neuromerging import (
 
 Record = dict[str, np.ndarray]
 
-#: Entries per task processed at a time by the element-wise statistics (bounded temporaries).
+#: Entries per task processed at a time by the element-wise measures (bounded temporaries).
 CHUNK = 1 << 18
 #: Quantiles of c reported (as fractions).
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
@@ -94,7 +94,7 @@ def total(records: Iterable[Record], n_tasks: int) -> Record:
     return acc
 
 
-# --- the statistics of one tensor --------------------------------------------------------------
+# --- the measures of one tensor ----------------------------------------------------------------
 
 
 def energy_split(w0: torch.Tensor, tv: torch.Tensor
@@ -132,7 +132,7 @@ def frame_conflicts(orth: torch.Tensor, rank_threshold: float = 1.0) -> dict[str
 
 
 def elementwise(values: torch.Tensor, *, pairwise: bool = True) -> dict[str, Any]:
-    """Element-wise statistics of stacked task vectors ``values`` (T, ...), in chunks of entries.
+    """Element-wise measures of stacked task vectors ``values`` (T, ...), in chunks of entries.
 
     Returns the T × T dot products ``dots`` (float64), per-task ``l1``, the sign-conflict sums
     ``contested``, ``conflicting``, ``lost``, ``energy`` (see the module doc) and, with
@@ -168,12 +168,12 @@ def elementwise(values: torch.Tensor, *, pairwise: bool = True) -> dict[str, Any
     return {"dots": dots, "l1": l1, "pair_both": both, "pair_opposite": opposite, **sums}
 
 
-def tensor_stats(base: torch.Tensor, tv: torch.Tensor, tv_trim: torch.Tensor | None = None, *,
+def tensor_measures(base: torch.Tensor, tv: torch.Tensor, tv_trim: torch.Tensor | None = None, *,
                  neuronal: bool, hist: CHistogram | None = None, hist_key: Hashable = "other",
                  rank_threshold: float = 1.0) -> Record:
     """The record of one tensor (or row block of one): ``base`` its pretrained values, ``tv``
     the stacked task vectors (T, *base.shape), ``tv_trim`` the trimmed ones (None: no trim, the
-    trimmed statistics are the raw ones). Neuronal tensors (rows are neurons; a ≥ 3-D tensor is
+    trimmed measures are the raw ones). Neuronal tensors (rows are neurons; a ≥ 3-D tensor is
     (rows, rest)) also get the subspace energies and SVD-frame conflicts, and their c go to
     ``hist`` under ``hist_key``. ``tensors`` is left 0: the caller counts whole tensors."""
     t_count = tv.shape[0]
@@ -191,8 +191,8 @@ def tensor_stats(base: torch.Tensor, tv: torch.Tensor, tv_trim: torch.Tensor | N
         for k in _CONFLICTS:
             rec[f"elem{suffix}_{k}"] = np.array(el[k])
     if neuronal:
-        _neuron_stats(rec, base, tv, tv_trim, hist, hist_key, rank_threshold)
-    if tv_trim is None:  # the trimmed statistics are the raw ones
+        _neuron_measures(rec, base, tv, tv_trim, hist, hist_key, rank_threshold)
+    if tv_trim is None:  # the trimmed measures are the raw ones
         for k in list(rec):
             raw = k.replace("_trim", "")
             if "_trim" in k and raw in rec:
@@ -200,7 +200,7 @@ def tensor_stats(base: torch.Tensor, tv: torch.Tensor, tv_trim: torch.Tensor | N
     return rec
 
 
-def _neuron_stats(rec: Record, base: torch.Tensor, tv: torch.Tensor,
+def _neuron_measures(rec: Record, base: torch.Tensor, tv: torch.Tensor,
                   tv_trim: torch.Tensor | None, hist: CHistogram | None, hist_key: Hashable,
                   rank_threshold: float) -> None:
     t_count, m = tv.shape[0], base.shape[0]

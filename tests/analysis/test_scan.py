@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import neuromerge
-from neuromerge.analysis import NO_LAYER, analyze, runner
-from neuromerge.analysis.stats import total
+from neuromerge.analysis import NO_LAYER, analyze, scan
+from neuromerge.analysis.measures import total
 from neuromerge.engine import _Inputs, build_plan, compute_trim_stats, plan_units
 from neuromerge.errors import ConfigError, InputError
 from neuromerge.io.reader import StateDictReader
@@ -112,7 +112,7 @@ def test_trim_statistics_equal_the_engines_at_every_density() -> None:
     plan = build_plan(b, readers)
     units = plan_units(plan, b, readers, 1 << 30, torch.float32)[0]
     inputs = _Inputs(b, readers, torch.device("cpu"), torch.float32, read_ahead=False)
-    ours = runner.trim_statistics(units, inputs, [0.05, 0.2, 0.5, 1.0])
+    ours = scan.trim_statistics(units, inputs, [0.05, 0.2, 0.5, 1.0])
     for d in (0.05, 0.2, 0.5):
         theirs = compute_trim_stats(units, inputs, density=d, scope="global")
         assert ours[d] == theirs, d
@@ -165,14 +165,14 @@ def test_row_blocks_give_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> No
     experts = [shifted(base, random_delta(base, s)) for s in (12, 13)]
     whole = analyze(base, experts)
     blocks: list[int] = []
-    real = runner.plan_units
+    real = scan.plan_units
 
     def tiny_budget(plan, b, exs, budget, cdtype):  # type: ignore[no-untyped-def]
         units, held = real(plan, b, exs, 3000, cdtype)  # a few rows per block
         blocks.append(sum(u.rows is not None for u in units))
         return units, held
 
-    monkeypatch.setattr(runner, "plan_units", tiny_budget)
+    monkeypatch.setattr(scan, "plan_units", tiny_budget)
     blocked = analyze(base, experts)
     assert blocks[0] > 4
     for name, rec in whole.records.items():
@@ -220,7 +220,7 @@ def test_mismatched_experts_fail_like_a_merge() -> None:
     wrong = {k: v.clone() for k, v in base.items()}
     wrong["model.layers.0.mlp.up_proj.weight"] = torch.zeros(11, 6)
     with pytest.raises(InputError, match=r"shape \[11, 6\] in e differs from \[10, 6\]"):
-        runner.analyze_readers(StateDictReader(base, "base"), [StateDictReader(wrong, "e")],
+        scan.analyze_readers(StateDictReader(base, "base"), [StateDictReader(wrong, "e")],
                                ["e"])
     extra = dict(base, extra=torch.zeros(2))
     with pytest.raises(InputError, match="'extra' is not in the base"):
