@@ -12,7 +12,10 @@ import torch
 import neuromerge
 from neuromerge.analysis import NO_LAYER, analyze, scan
 from neuromerge.analysis.measures import total
-from neuromerge.engine import _Inputs, build_plan, compute_trim_stats, plan_units
+from neuromerge.engine import build_plan
+from neuromerge.engine.inputs import Inputs
+from neuromerge.engine.trim_pass import trim_pass
+from neuromerge.engine.units import plan_units
 from neuromerge.errors import ConfigError, InputError
 from neuromerge.io.reader import StateDictReader
 
@@ -111,10 +114,10 @@ def test_trim_statistics_equal_the_engines_at_every_density() -> None:
     b = StateDictReader(base, "base")
     plan = build_plan(b, readers)
     units = plan_units(plan, b, readers, 1 << 30, torch.float32)[0]
-    inputs = _Inputs(b, readers, torch.device("cpu"), torch.float32, read_ahead=False)
+    inputs = Inputs(b, readers, torch.device("cpu"), torch.float32, read_ahead=False)
     ours = scan.trim_statistics(units, inputs, [0.05, 0.2, 0.5, 1.0])
     for d in (0.05, 0.2, 0.5):
-        theirs = compute_trim_stats(units, inputs, density=d, scope="global")
+        theirs = trim_pass(units, inputs, density=d, scope="global")
         assert ours[d] == theirs, d
     assert ours[1.0].sigma == (0.0, 0.0, 0.0)
 
@@ -126,8 +129,8 @@ def test_sigma_and_lambda2_are_those_of_a_neuromerging_merge() -> None:
     merged = neuromerge.merge_state_dicts(base, experts, "neuromerging", {"density": 0.3})
     row = next(r for r in a.summary["trim"] if r["density"] == 0.3)
     assert row["lambda2_auto"] == merged.params["lambda2"]
-    assert tuple(row["sigma"]) == merged.stats.sigma
-    assert tuple(row["thresholds"]) == merged.stats.thresholds
+    assert tuple(row["sigma"]) == merged.trim.sigma
+    assert tuple(row["thresholds"]) == merged.trim.thresholds
     assert row["lambda2_auto"] == pytest.approx(1 / (1 - row["max_sigma"]))
     assert [r["density"] for r in a.summary["trim"]] == [0.1, 0.2, 0.3]  # + conflict density
     assert a.summary["trim"][0]["lambda2_auto"] > a.summary["trim"][2]["lambda2_auto"]

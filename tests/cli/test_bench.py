@@ -22,7 +22,7 @@ def test_bench_rejects_an_unknown_method_before_any_work(
 def test_bench_threads_sets_torch_threads_for_the_run(
         run_cli: Callable[..., tuple[int, str, str]], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import neuromerge.bench.runner as runner
+    import neuromerge.bench.benchmark as runner
 
     seen: list[int] = []
 

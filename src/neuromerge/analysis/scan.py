@@ -39,26 +39,19 @@ from neuromerge.analysis.measures import (
 )
 from neuromerge.analysis.result import Analysis
 from neuromerge.architectures import UNKNOWN, Architecture, read_architecture
-from neuromerge.engine import (
-    Kind,
-    Unit,
-    _Inputs,
-    _numel,
-    _return_freed_tensors_to_the_os,
-    build_plan,
-    memory_budget,
-    plan_units,
-    resolve_device,
-    select_over,
-)
+from neuromerge.devices import resolve_device
+from neuromerge.engine.inputs import Inputs
+from neuromerge.engine.memory import MemoryPolicy, memory_budget
+from neuromerge.engine.plan import Kind, Unit, build_plan
+from neuromerge.engine.trim_pass import select_over
+from neuromerge.engine.units import plan_units
 from neuromerge.errors import ConfigError
 from neuromerge.io.lora import LoraExpertReader, is_adapter_folder
 from neuromerge.io.reader import CheckpointReader, StateDictReader, open_checkpoint
-from neuromerge.io.writer import OutputFolder, parse_size
+from neuromerge.io.writer import OutputFolder, parse_size, refuse_overlap
 from neuromerge.kernels import keep_count, task_vectors, trim
+from neuromerge.method_api import TrimSummary
 from neuromerge.methods.neuromerging import lambda2_auto
-from neuromerge.pipeline import _refuse_overlap
-from neuromerge.registry import TrimStats
 
 DEFAULT_DENSITIES = (0.1, 0.2, 0.5)
 #: The density of the trimmed measures: NeuroMerging's (and TIES') default.
@@ -107,7 +100,7 @@ def analyze(base: Source, experts: Sequence[Source] | Mapping[str, Source],
         folder = None
         if out is not None:
             paths = [Path(s) for s in (base, *sources) if not isinstance(s, Mapping)]
-            _refuse_overlap(Path(out), paths)
+            refuse_overlap(Path(out), paths)
             folder = OutputFolder(out, force=force)  # refuses an existing report before any work
         result = analyze_readers(base_r, readers, tasks, densities=dens,
                                  conflict_density=conflict_density, device=device,
@@ -132,15 +125,16 @@ def analyze_readers(base: CheckpointReader, experts: Sequence[CheckpointReader],
     """``analyze`` on open readers, without writing anything. ``architecture`` (the base's
     config.json) gives each tensor's neuron axis, as in a merge (GPT-2's Conv1D: columns)."""
     t0 = time.perf_counter()
-    _return_freed_tensors_to_the_os()
+    memory = MemoryPolicy(memory_budget(memory_limit))
+    memory.tune_heap()
     dens = _check_densities(densities, conflict_density)
     dev = resolve_device(device)
     plan = build_plan(base, experts, tensor_class=tensor_class, missing_tensors=missing_tensors,
                       architecture=architecture)
     # the measures hold a trimmed copy and float64 row blocks beside the engine's working set
-    units = plan_units(plan, base, experts, memory_budget(memory_limit) // 2, torch.float32)[0]
+    units = plan_units(plan, base, experts, memory.budget // 2, torch.float32)[0]
     merged = [u for u in units if u.plan.kind != "copy"]
-    inputs = _Inputs(base, experts, dev, torch.float32, read_ahead=read_ahead)
+    inputs = Inputs(base, experts, dev, torch.float32, read_ahead=read_ahead)
     trims = trim_statistics(merged, inputs, dens, progress=progress)
     t1 = time.perf_counter()
 
@@ -169,13 +163,13 @@ def analyze_readers(base: CheckpointReader, experts: Sequence[CheckpointReader],
                      densities=dens, conflict_density=conflict_density, seconds=seconds)
 
 
-def trim_statistics(units: Sequence[Unit], inputs: _Inputs, densities: Sequence[float], *,
-                    progress: bool = False) -> dict[float, TrimStats]:
-    """The global trim at every density in two streaming passes: ``engine.compute_trim_stats``'s
+def trim_statistics(units: Sequence[Unit], inputs: Inputs, densities: Sequence[float], *,
+                    progress: bool = False) -> dict[float, TrimSummary]:
+    """The global trim at every density in two streaming passes: ``engine.trim_pass.trim_pass``'s
     global scope, with the first pass (each task's coarse |τ| histogram, which does not depend on
     the density) shared by all densities. Gives the same thresholds and L1 masses, exactly."""
     merged = [u for u in units if u.plan.kind != "copy"]
-    n = sum(_numel(u) for u in merged)
+    n = sum(u.numel for u in merged)
     trimmed = [d for d in densities if d < 1 and n > 0]
     totals, results = select_over(merged, inputs, [keep_count(d, n) for d in trimmed],
                                   progress=progress, desc=("analyze 1/3: trim histogram",
@@ -185,15 +179,15 @@ def trim_statistics(units: Sequence[Unit], inputs: _Inputs, densities: Sequence[
     for d in densities:
         if d in by_density:
             res = by_density[d]
-            out[d] = TrimStats(d, "global", n, keep_count(d, n), tuple(r[0] for r in res),
+            out[d] = TrimSummary(d, "global", n, keep_count(d, n), tuple(r[0] for r in res),
                                tuple(totals), tuple(r[1] for r in res))
         else:  # nothing trimmed
-            out[d] = TrimStats(d, "global", n, n, None, tuple(totals), tuple(totals))
+            out[d] = TrimSummary(d, "global", n, n, None, tuple(totals), tuple(totals))
     return out
 
 
 def _assemble(plan: Sequence[Any], layout: Layout, records: dict[str, Record], hist: CHistogram,
-              trims: Mapping[float, TrimStats], tasks: list[str], base: CheckpointReader,
+              trims: Mapping[float, TrimSummary], tasks: list[str], base: CheckpointReader,
               experts: Sequence[CheckpointReader], *, densities: Sequence[float],
               conflict_density: float, seconds: dict[str, float]) -> Analysis:
     n_tasks = len(tasks)

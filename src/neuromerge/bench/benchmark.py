@@ -37,18 +37,13 @@ from neuromerge.bench.models import fetch_base_model
 from neuromerge.bench.profiles import PROFILES, SWEEPS, Profile
 from neuromerge.bench.results import Results, dataset_key, mean_accuracy, record_key
 from neuromerge.bench.train import TextDataset, linear_probe, load_head
-from neuromerge.engine import DictSink, run
+from neuromerge.engine import DictSink, prepare
 from neuromerge.errors import ConfigError
 from neuromerge.io.reader import fingerprint, open_checkpoint
 from neuromerge.pipeline import merge
 from neuromerge.registry import all_methods, get_method
 
 log = logging.getLogger("neuromerge")
-
-#: The two-component methods: λ1 scales the parallel part, λ2 (and λ_point) the orthogonal one.
-_NEURO_UNITS = {"lambda1": {"lambda1": 1.0, "lambda2": 0.0, "lambda_point": 0.0},
-                "lambda2": {"lambda1": 0.0, "lambda2": 1.0, "lambda_point": 1.0}}
-
 
 @dataclass
 class Timer:
@@ -198,17 +193,18 @@ class Bench:
         shutil.rmtree(target, ignore_errors=True)
         self.results.add({"key": key, "seed": seed, "kind": "merge", "mode": "default",
                           "method": method, "split": "test", "params": result.params,
-                          "sigma": result.stats.sigma if result.stats else None,
+                          "sigma": result.trim.sigma if result.trim else None,
                           "accuracy": acc, "merge_seconds": result.seconds["total"]})
 
     def components(self, method: str, fixed: Mapping[str, Any], experts: Mapping[str, Path]
                    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
         """θ0 and the linear components of a merge with these non-linear settings."""
-        linear = SWEEPS[method]["linear"]
-        if set(linear) <= set(_NEURO_UNITS) and linear:
-            units = {name: _NEURO_UNITS[name] for name in _NEURO_UNITS}
-        else:
-            units = {name: {name: 1.0} for name in linear} or {"": {}}
+        linear, spec = SWEEPS[method]["linear"], get_method(method).linear_in
+        if not set(linear) <= set(spec):
+            raise ConfigError(f"bench: the {method} sweep scales {sorted(set(linear) - set(spec))}"
+                              f", which the method does not declare linear_in")
+        # one merge per component the method is linear in (θ0 alone: nothing to scale)
+        units = {name: dict(values) for name, values in spec.items()} if linear else {"": {}}
         theta0, comps, _ = self.merge_units(method, fixed, experts, units)
         return theta0, comps
 
@@ -231,16 +227,15 @@ class Bench:
             theta0 = {n: base.read(n) for n in base.names()}
             comps, resolved = {}, {}
             for name, unit in units.items():
-                sinks: list[DictSink] = []
                 params = m.validate({**fixed, **unit})
                 with self.timer("merging"):
-                    res = run(base, readers, m, params,
-                              lambda plan, sinks=sinks: sinks.append(DictSink(plan)) or sinks[0],
-                              model_keys=[str(experts[t] / "body") for t in tasks],
-                              progress=False, statistics=stats)
-                resolved[name] = res.params
+                    job = prepare(base, readers, m, params,
+                                  model_keys=[str(experts[t] / "body") for t in tasks],
+                                  statistics=stats)
+                    sink = DictSink(job.plan.tensors)
+                    resolved[name] = job.execute(sink, progress=False).params
                 comps[name] = {k: v.float() - theta0[k].float() if v.is_floating_point()
-                               else v for k, v in sinks[0].state_dict.items()}
+                               else v for k, v in sink.state_dict.items()}
         finally:
             base.close()
             for r in [*readers, *(stats or [])]:

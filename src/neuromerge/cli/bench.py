@@ -74,7 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     # the benchmark's heavy dependencies load only when it runs
-    from neuromerge.bench.runner import run_benchmark
+    from neuromerge.bench.benchmark import run_benchmark
     from neuromerge.registry import get_method
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
@@ -103,7 +103,8 @@ def _run_ablations(args: argparse.Namespace, methods: list[str] | None,
     from dataclasses import replace
 
     # the ablations' heavy dependencies load only when they run
-    from neuromerge.bench.ablations import PLANS, ablation_names, run_ablations
+    from neuromerge.bench.ablation_plans import PLANS, ablation_names
+    from neuromerge.bench.ablations import run_ablations
 
     plan = replace(PLANS[args.grid], ablations=ablation_names(args.only))
     if methods:
