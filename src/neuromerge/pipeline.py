@@ -18,11 +18,13 @@ from neuromerge import __version__
 from neuromerge.architectures import Architecture, read_architecture
 from neuromerge.config import MergeConfig, config_from_dict, load_config
 from neuromerge.engine import MergeJob, MergePlan, MergeResult, prepare
-from neuromerge.errors import ConfigError, InputError
+from neuromerge.errors import ConfigError
 from neuromerge.io.card import input_record, model_card
-from neuromerge.io.lora import is_adapter_folder, open_expert, write_lora
+from neuromerge.io.hub import Hub
+from neuromerge.io.lora import write_lora
 from neuromerge.io.model_folder import copy_support_files
 from neuromerge.io.reader import CheckpointReader, fingerprint, open_checkpoint
+from neuromerge.io.sources import ModelOpener
 from neuromerge.io.writer import (
     OutputFolder,
     ShardedSafetensorsWriter,
@@ -48,7 +50,10 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
     when complete; an existing ``out_dir`` is replaced only with ``force``.
     ``memory_limit`` (``"8GB"`` or bytes) bounds the whole process's memory: tensors that do not
     fit are merged in row blocks.
-    Experts may be PEFT LoRA adapter folders (formed over the base tensor by tensor).
+    Experts may be PEFT LoRA adapter folders (formed over the base tensor by tensor), and
+    any model a Hugging Face Hub id (``org/name[@revision]``, ``MODEL+LORA``): the merge is
+    planned and checked from config.json and the safetensors headers before any weight is
+    downloaded.
     ``lora_rank`` (or the config's ``save_lora``) also writes the merged delta as a LoRA adapter
     of that rank to ``out_dir/lora`` (truncated SVD; errors in the merge record).
     """
@@ -60,17 +65,24 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
     rank = lora_rank if lora_rank is not None else cfg.save_lora
     if rank is not None and rank < 1:
         raise ConfigError(f"--save-lora: the LoRA rank must be at least 1 (got {rank})")
+    hub = Hub(progress=progress)
     with contextlib.ExitStack() as stack:
-        inputs = stack.enter_context(open_inputs(cfg))
+        heads = stack.enter_context(contextlib.ExitStack())
+        inputs = heads.enter_context(open_inputs(cfg, headers_only=True, hub=hub))
         refuse_overlap(out, [inputs.base_path, *inputs.expert_paths, *inputs.stat_paths])
         folder = OutputFolder(out, force=force)  # refuses an existing output before any work
         if inputs.base_path.is_file():
             log.warning("the base is a bare weights file: no config.json or tokenizer to copy, "
                         "so %s will hold weights only", out)
         log.info("merging %d models into %s with %s", len(inputs.experts), out, cfg.merge_method)
-        prints = [fingerprint(r) for r in (inputs.base, *inputs.experts)]
         job = _prepare(cfg, params, inputs, device=device, memory_limit=limit,
-                       read_ahead=read_ahead)
+                       read_ahead=read_ahead)  # every check, hub models from their headers
+        if inputs.remote:  # planned and checked: now download the weights and plan again
+            heads.close()
+            inputs = stack.enter_context(open_inputs(cfg, hub=hub))
+            job = _prepare(cfg, params, inputs, device=device, memory_limit=limit,
+                           read_ahead=read_ahead)
+        prints = [fingerprint(r) for r in (inputs.base, *inputs.experts)]
         tmp = stack.enter_context(folder)
         writer = ShardedSafetensorsWriter(tmp, job.output_metas(), shard_size)
         result = job.execute(writer, progress=progress)
@@ -94,11 +106,12 @@ def plan_merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
                memory_limit: str | int | None = None) -> MergePlan:
     """The plan of a merge without merging: headers, config.json and the statistics files'
     headers only (and, where a base stores tied embeddings twice, the reads that check the
-    copies are equal). What ``neuromerge merge --dry-run`` prints."""
+    copies are equal). What ``neuromerge merge --dry-run`` prints. Hub models are read from
+    their config.json and safetensors headers: no weight is downloaded."""
     cfg = _with_overrides(config, overrides)
     params = cfg.validated_parameters()
     limit = None if memory_limit is None else parse_size(memory_limit, what="--memory-limit")
-    with open_inputs(cfg) as inputs:
+    with open_inputs(cfg, headers_only=True, dry_run=True) as inputs:
         return _prepare(cfg, params, inputs, device=device, memory_limit=limit).plan
 
 
@@ -106,7 +119,8 @@ def plan_merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
 class MergeInputs:
     """The open readers of a config's models (headers read, no tensor yet), the base's
     architecture and, where ``vocab`` / ``tokenizer_source`` ask for one, the vocabulary
-    alignment; ``aligned`` are the readers the merge reads (wrapped by the alignment)."""
+    alignment; ``aligned`` are the readers the merge reads (wrapped by the alignment).
+    ``remote``: some hub model is known from its headers only (weights not downloaded)."""
 
     base_path: Path
     expert_paths: list[Path]
@@ -116,6 +130,7 @@ class MergeInputs:
     statistics: list[CheckpointReader]
     architecture: Architecture
     vocab: VocabAlignment | None
+    remote: bool = False
 
     @property
     def aligned(self) -> list[CheckpointReader]:
@@ -123,30 +138,40 @@ class MergeInputs:
 
 
 @contextlib.contextmanager
-def open_inputs(cfg: MergeConfig) -> Iterator[MergeInputs]:
-    """Open every input a config names, closing them on exit."""
+def open_inputs(cfg: MergeConfig, *, headers_only: bool = False, hub: Hub | None = None,
+                dry_run: bool = False) -> Iterator[MergeInputs]:
+    """Open every input a config names, closing them on exit. Hub models are downloaded, or
+    with ``headers_only`` read from their safetensors headers when not cached (``.bin`` only
+    repos downloaded first, refused with ``dry_run``)."""
     method = cfg.method
-    base_path = cfg.resolve_path(cfg.base_model)
-    expert_paths = [cfg.resolve_path(e.model) for e in cfg.models]
+    models = ModelOpener(hub, headers_only=headers_only, download_bin=not dry_run)
+    base_ref = cfg.resolve_model(cfg.base_model)
+    refs = [cfg.resolve_model(e.model) for e in cfg.models]
     stat_paths = ([cfg.resolve_path(e.statistics) for e in cfg.models if e.statistics]
                   if method.needs else [])
     with contextlib.ExitStack() as stack:
-        base = _open_base(base_path)  # headers only: cheap, and errors come early
+        base = models.base(base_ref)  # headers only: cheap, and errors come early
         stack.callback(base.close)
         experts: list[CheckpointReader] = []
-        for p in expert_paths:
-            experts.append(open_expert(p, base_path))
+        for ref in refs:
+            experts.append(models.expert(ref, base_ref))
             stack.callback(experts[-1].close)
+        base_path = models.path(base_ref)
+        expert_paths = [models.path(r) for r in refs]
         statistics = []
         for e, p in zip(cfg.models, stat_paths, strict=False):
             statistics.append(open_statistics(p, method.needs, model=e.model))
             stack.callback(statistics[-1].close)
         arch = read_architecture(base_path)
-        vocab = _vocab(cfg, base_path, expert_paths, base, experts)
+        vocab = _vocab(cfg, base_path, expert_paths, base, experts, models)
         if vocab is not None and arch.vocab_sizes:
             arch = dataclasses.replace(arch, vocab_sizes=(vocab.rows,))  # tied copies
+        if models.remote and _tie_candidates(base, arch):
+            log.info("tied embeddings stored twice are found once the weights are downloaded "
+                     "(their values are compared): the plan from headers merges both")
+            arch = dataclasses.replace(arch, tie_word_embeddings=False)
         yield MergeInputs(base_path, expert_paths, stat_paths, base, experts, statistics, arch,
-                          vocab)
+                          vocab, models.remote)
 
 
 def _prepare(cfg: MergeConfig, params: dict[str, Any], inputs: MergeInputs, *, device: str,
@@ -182,24 +207,28 @@ def _write_card_and_record(folder: Path, cfg: MergeConfig, inputs: MergeInputs,
 
 
 def _vocab(cfg: MergeConfig, base_path: Path, expert_paths: list[Path],
-           base: CheckpointReader, experts: list[CheckpointReader]) -> VocabAlignment | None:
+           base: CheckpointReader, experts: list[CheckpointReader], models: ModelOpener
+           ) -> VocabAlignment | None:
     """The vocabulary alignment ``vocab`` / ``tokenizer_source`` ask for, or None."""
     mode = cfg.vocab_mode
     if mode == "error":
         return None
-    model = (cfg.resolve_path(cfg.tokenizer_source[len("model:"):]) if mode == "model"
-             else None)
+    model = (models.path(cfg.resolve_model(cfg.tokenizer_source[len("model:"):]))
+             if mode == "model" and cfg.tokenizer_source else None)
     alignment = align_vocabularies(mode, base_path, expert_paths, base, experts, model)
     log.info("vocab: %s (%d rows; %d added tokens); vocabulary tensors: %s", mode,
              alignment.rows, len(alignment.added), ", ".join(sorted(alignment.names)) or "none")
     return alignment
 
 
-def _open_base(path: Path) -> CheckpointReader:
-    if is_adapter_folder(path):
-        raise InputError(f"{path}: base_model is a LoRA adapter folder; the base must be the "
-                         f"full pretrained model (adapters go under models)")
-    return open_checkpoint(path)
+def _tie_candidates(base: CheckpointReader, arch: Architecture) -> bool:
+    """Whether the tied-copy check would compare tensor values (two vocabulary-sized tensors
+    of one shape): not possible from headers."""
+    if not arch.tie_word_embeddings or not arch.vocab_sizes:
+        return False
+    shapes = [base.meta(n).shape for n in base.names()
+              if base.meta(n).shape and base.meta(n).shape[0] in arch.vocab_sizes]
+    return len(shapes) != len(set(shapes))
 
 
 def _save_lora(base: CheckpointReader, folder: Path, rank: int, arch: Architecture,

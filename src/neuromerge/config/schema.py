@@ -23,6 +23,7 @@ from pydantic import (
 
 from neuromerge.config.mergekit import from_mergekit
 from neuromerge.errors import ConfigError, InputError
+from neuromerge.io.hub import ModelRef, parse_model_ref
 from neuromerge.registry import MergeMethod, get_method
 
 TensorClass = Literal["neuronal", "point", "copy"]
@@ -33,8 +34,9 @@ class ModelEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="HF model folder, .safetensors/.bin file, or PEFT LoRA "
-                                   "adapter folder (over base_model) of the expert")
+    model: str = Field(description="HF model folder, .safetensors/.bin file, PEFT LoRA "
+                                   "adapter folder (over base_model), Hugging Face Hub id "
+                                   "(org/name[@revision]) or MODEL+LORA of the expert")
     parameters: dict[str, Any] = Field(
         default_factory=dict,
         description="per-model parameters: weight, density (TIES-style), drop_rate and seed "
@@ -51,7 +53,8 @@ class MergeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     merge_method: str = Field(description="a name from `neuromerge methods`")
-    base_model: str = Field(description="the pretrained model all experts were fine-tuned from")
+    base_model: str = Field(description="the pretrained model all experts were fine-tuned from "
+                                        "(a local path or a Hugging Face Hub id)")
     models: list[ModelEntry] = Field(min_length=1, description="the fine-tuned experts")
     parameters: dict[str, Any] = Field(default_factory=dict,
                                        description="the method's parameters")
@@ -152,15 +155,35 @@ class MergeConfig(BaseModel):
                 raise
             raise ConfigError(f"{self._source}: {exc}") from None
 
-    def resolve_path(self, value: str) -> Path:
+    def locate(self, value: str) -> Path | None:
+        """The local file or folder ``value`` names: from the current directory first, then
+        beside the YAML file; None when neither exists."""
         p = Path(os.path.expanduser(value))
-        if p.is_absolute() or p.exists() or self._root is None:
+        if p.exists():
             return p
+        if p.is_absolute() or self._root is None:
+            return None
         beside = self._root / p
-        if beside.exists():
-            return beside
+        return beside if beside.exists() else None
+
+    def resolve_path(self, value: str) -> Path:
+        """A local path (statistics files): see :meth:`locate`; InputError when missing."""
+        p = self.locate(value)
+        if p is not None:
+            return p
+        p = Path(os.path.expanduser(value))
+        if p.is_absolute() or self._root is None:
+            return p  # the reader says it is missing
         raise InputError(f"{value}: no such file or folder (looked in {Path.cwd()} and next "
-                         f"to the config in {self._root}; neuromerge reads local checkpoints)")
+                         f"to the config in {self._root})")
+
+    def resolve_model(self, value: str) -> ModelRef:
+        """A model string (base_model, models[i].model, tokenizer_source's model:): a local
+        path (wins), a Hugging Face Hub id ``org/name[@revision]``, or ``MODEL+LORA``."""
+        ref = parse_model_ref(value, self.locate)
+        if ref.on_hub or ref.lora is not None or self.locate(value) is not None:
+            return ref
+        return ModelRef(value, self.resolve_path(value))  # missing: the usual error
 
     def with_overrides(self, overrides: dict[str, Any]) -> MergeConfig:
         """A copy whose ``parameters`` are updated with ``overrides`` (command-line -p)."""

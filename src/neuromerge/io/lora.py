@@ -106,12 +106,15 @@ class LoraExpertReader:
     """An expert given as a LoRA adapter over the merge's base: the base's names and metadata,
     values ``base + s·B·A`` (float32 sum, rounded to the base's dtype)."""
 
-    def __init__(self, base: CheckpointReader, folder: str | Path) -> None:
+    def __init__(self, base: CheckpointReader, folder: str | Path,
+                 weights: CheckpointReader | None = None) -> None:
+        """``weights``: the adapter's factors when not read from ``folder`` (a hub adapter's
+        headers while the merge is planned)."""
         self.folder = Path(folder)
         self.source = str(self.folder)
         self.config = _load_adapter_config(self.folder)
         self._base = base
-        self._weights = _open_weights(self.folder)
+        self._weights = weights if weights is not None else _open_weights(self.folder)
         base_names = base.names()
         self._resolver = _NameResolver(base_names)
         cfg = self.config
