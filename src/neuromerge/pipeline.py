@@ -259,7 +259,8 @@ def _as_config(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]
 
 def _write_record(folder: Path, config: Mapping[str, Any], result: MergeResult,
                   writer: ShardedSafetensorsWriter) -> None:
-    """Machine-readable twins of the card: the config with resolved parameters, and the stats."""
+    """Machine-readable twins of the card: the config with resolved parameters, and the record
+    of the merge (trim pass, timings, row blocks, architecture)."""
     resolved = dict(config)
     resolved["parameters"] = result.params
     (folder / "neuromerge_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))

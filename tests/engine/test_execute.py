@@ -100,7 +100,7 @@ def test_non_finite_inputs_are_refused(bad: float) -> None:
         merge_state_dicts(base, {"model_a": experts[0], "model_b": experts[1]}, "average")
 
 
-def test_stats_pass_runs_only_when_needed() -> None:
+def test_trim_pass_runs_only_when_needed() -> None:
     base, experts = family()
     assert merge_state_dicts(base, experts, "task_arithmetic").trim is None
     assert merge_state_dicts(base, experts, "ties", {"density": 1.0}).trim is None

@@ -75,7 +75,7 @@ class _Execution:
                 self.plan.units, self.inputs, density=self.density,
                 scope=self.plan.params["trim_scope"], progress=self.progress,
                 block_thresholds=self.block_thresholds)
-            self.seconds["stats"] = time.perf_counter() - t1
+            self.seconds["trim_pass"] = time.perf_counter() - t1
             self.plan.memory.trim_heap()  # the selects' histograms
         self.params = self.method.resolved(dict(self.plan.params), self.trim)
         log_resolved(self.method.name, self.params, self.trim, self.plan.tensors)
