@@ -50,9 +50,10 @@ The report goes between the markers ``<!-- perf:begin -->`` and ``<!-- perf:end 
 ``--out`` (default docs/performance.md; with ``--quick``, ``<work>/quick/performance.md`` so a
 smoke test does not touch the docs), with the plot and the raw results beside it (.png, .json).
 
-mergekit is installed on first use into its own virtual environment (``--mergekit-venv``):
-``pip install torch==2.13.0`` first (the CPU wheel; unpinned, pip would pull a CUDA build), then
-``mergekit==0.1.5``.
+mergekit is installed on first use into its own virtual environment (``--mergekit-venv``, default
+``$NEUROMERGE_MERGEKIT_VENV`` or ``~/.cache/neuromerge/mergekit-venv``, shared with the parity
+tests): benchmarks/mergekit_env.py, ``pip install torch==2.13.0`` first (the CPU wheel; unpinned,
+pip would pull a CUDA build), then ``mergekit==0.1.5``.
 
     python benchmarks/perf.py                      # both tables, sizes 100m,300m,1b, experts 2,4,8
     python benchmarks/perf.py --quick --check      # tiny models, seconds; agreement check
@@ -77,12 +78,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mergekit_env import default_venv, ensure_mergekit, mergekit_info
+
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
 GB = 1e9
 DEFAULT_WORK = Path("~/.cache/neuromerge/perf").expanduser()
-MERGEKIT_VERSION = "0.1.5"
-MERGEKIT_TORCH = "2.13.0"
 
 BASE_STD = 0.02
 DENSE_STD = 1e-3        # dense part of a delta (5 % of BASE_STD)
@@ -479,31 +480,6 @@ def neuromerge_info() -> dict[str, str]:
     if commit and _git("status", "--porcelain", "--", ".", cwd=pkg):
         commit += "-dirty"
     return {"path": str(pkg), "version": version, "commit": commit or "unknown"}
-
-
-def ensure_mergekit(venv: Path) -> Path:
-    exe = venv / "bin" / "mergekit-yaml"
-    if exe.exists():
-        return exe
-    say(f"installing mergekit {MERGEKIT_VERSION} into {venv} (once; a few minutes)")
-    py = venv / "bin" / "python"
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    # torch first and pinned: mergekit asks for torch>=2.0, which pip would meet with a CUDA build.
-    subprocess.run([*pip, f"torch=={MERGEKIT_TORCH}"], check=True)
-    subprocess.run([*pip, f"mergekit=={MERGEKIT_VERSION}"], check=True)
-    return exe
-
-
-def mergekit_info(venv: Path) -> dict[str, str]:
-    res = subprocess.run(
-        [str(venv / "bin" / "python"), "-c",
-         "import importlib.metadata as m; print(m.version('mergekit')); "
-         "print(m.version('torch')); print(m.version('transformers'))"],
-        capture_output=True, text=True, check=True)
-    mk, torch_v, tf = res.stdout.split()[:3]
-    return {"version": mk, "torch": torch_v, "transformers": tf}
 
 
 def machine_info() -> dict[str, Any]:
@@ -954,7 +930,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "tensors of mergekit and neuromerge (task_arithmetic, ties)")
     ap.add_argument("--no-mergekit", action="store_true", help="run neuromerge only")
     ap.add_argument("--mergekit-venv", type=Path, default=None,
-                    help="mergekit's virtual environment (default <work>/mergekit-venv)")
+                    help="mergekit's virtual environment (default $NEUROMERGE_MERGEKIT_VENV or "
+                         "~/.cache/neuromerge/mergekit-venv)")
     ap.add_argument("--neuromerge-args", default="",
                     help='extra arguments of `neuromerge merge`, e.g. "--memory-limit 2GB"')
     ap.add_argument("--mergekit-args", default="", help="extra arguments of mergekit-yaml")
@@ -1010,7 +987,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     use_mk = any(r.tool == "mergekit" for r in args.runs) or (args.check and not args.no_mergekit)
-    venv = (args.mergekit_venv or work / "mergekit-venv").expanduser()
+    venv = (args.mergekit_venv or default_venv()).expanduser()
     mk_bin = ensure_mergekit(venv) if use_mk else None
     info: dict[str, Any] = {
         "command": shlex.join(["python", *sys.argv]) if argv is None
