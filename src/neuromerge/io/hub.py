@@ -173,7 +173,8 @@ class HubModel:
 
 class Hub:
     """The hub as one merge sees it: each repo fetched once (small files), its weights read
-    from headers or downloaded on demand. ``progress``: huggingface_hub's progress bars."""
+    from headers or downloaded on demand. ``progress``: huggingface_hub's progress bars for
+    the weights' downloads."""
 
     def __init__(self, *, progress: bool = True) -> None:
         self.progress = progress
@@ -183,7 +184,7 @@ class Hub:
     def fetch(self, ref: HubRef) -> HubModel:
         """The repo at ``ref``: its small files in the cache and the weights it holds."""
         if ref not in self._models:
-            with self._calls(ref):
+            with self._calls(ref, bars=False):  # small files: no progress bars
                 self._models[ref] = self._fetch(ref)
         return self._models[ref]
 
@@ -225,7 +226,7 @@ class Hub:
         s = self.settings
         api = HfApi(endpoint=s.endpoint, token=s.token)
         files: dict[str, Any] = {}
-        with self._calls(model.ref):
+        with self._calls(model.ref, bars=False):
             for w in model.weights:
                 files[w] = api.parse_safetensors_file_metadata(
                     model.ref.repo_id, w, revision=model.commit)
@@ -256,8 +257,8 @@ class Hub:
         return model.folder
 
     @contextlib.contextmanager
-    def _calls(self, ref: HubRef) -> Iterator[None]:
-        with _progress_bars(self.progress), hub_errors(ref, self.settings):
+    def _calls(self, ref: HubRef, *, bars: bool = True) -> Iterator[None]:
+        with _progress_bars(bars and self.progress), hub_errors(ref, self.settings):
             yield
 
 
