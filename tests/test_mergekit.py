@@ -211,12 +211,18 @@ def test_translation_and_refusals() -> None:
     assert cfg.parameters == {"drop_rate": pytest.approx(0.6), "scale": 0.9}
     assert cfg.models[0].parameters == {"weight": 0.5, "drop_rate": pytest.approx(0.3)}
     assert raw["parameters"]["density"] == 0.4 and "lambda" in raw["parameters"]  # untouched
-    with pytest.raises(ConfigError, match=r"models\[0\]\.parameters\.weight: per-layer "
-                                          r"gradients .* give one number"):
-        config_from_dict({**raw, "models": [{"model": "a", "parameters": {"weight": [0, 1]}}]})
-    with pytest.raises(ConfigError, match=r"parameters\.density: per-tensor filters"):
-        config_from_dict({**raw, "parameters": {"density": [{"filter": "mlp", "value": 0.5}]
-                                                [0]}})
+    # gradients and filters are kept (resolved per tensor), DARE's keep rate mapped pointwise
+    grad = config_from_dict({**raw, "models": [
+        {"model": "a", "parameters": {"weight": [0, 1], "density": [1, 0.5]}}]})
+    assert grad.models[0].parameters == {"weight": [0, 1], "drop_rate": [0.0, 0.5]}
+    filt = config_from_dict({**raw, "parameters": {"density": {"filter": "mlp", "value": 0.5}}})
+    assert filt.parameters == {"drop_rate": {"filter": "mlp", "value": 0.5}}
+    with pytest.raises(ConfigError, match=r"models\[0\]\.parameters\.weight\[0\]: a list is "
+                                          r"either a gradient"):
+        config_from_dict({**raw, "models": [{"model": "a", "parameters": {
+            "weight": [0, {"filter": "mlp", "value": 1}]}}]})
+    with pytest.raises(ConfigError, match=r"parameters\.density: DARE's keep probability"):
+        config_from_dict({**raw, "parameters": {"density": [0.5, 1.5]}})
     with pytest.raises(ConfigError, match=r"lambda or scale, not both"):
         config_from_dict({**raw, "parameters": {"lambda": 1, "scale": 1}})
     with pytest.raises(ConfigError, match=r"tokenizer_source: .*must be base, union or "

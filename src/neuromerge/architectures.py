@@ -52,6 +52,9 @@ class Architecture:
     vocab_sizes: tuple[int, ...] = ()
     tie_word_embeddings: bool = False
     source: str = ""  # the config file, '' when there is none
+    #: The config's layer count (``num_hidden_layers`` / ``n_layer``): the positions t that
+    #: per-layer parameter gradients are interpolated at.
+    num_layers: int | None = None
 
     @property
     def conv1d(self) -> bool:
@@ -102,7 +105,9 @@ def from_config(config: Mapping[str, Any] | None, source: str = "config") -> Arc
     tie = any(c.get("tie_word_embeddings", True) is not False for c in subs
               if "vocab_size" in c)
     archs = config.get("architectures") or ()
-    return Architecture(types, tuple(str(a) for a in archs), vocab, tie, source)
+    layers = next((int(config[k]) for k in ("num_hidden_layers", "n_layer", "num_layers")
+                   if isinstance(config.get(k), int)), None)
+    return Architecture(types, tuple(str(a) for a in archs), vocab, tie, source, layers)
 
 
 def read_architecture(path: str | Path) -> Architecture:

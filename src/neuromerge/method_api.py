@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from neuromerge.errors import ConfigError
+from neuromerge.param_settings import is_uniform, leaves
 
 TensorKind = Literal["neuronal", "point"]
 
@@ -155,11 +156,15 @@ class Mergekit:
     applies it; docs/mergekit.md). ``rewrite(block, where)`` edits one parameter block (the
     global one, then each model's) in place, before mergekit's ``lambda`` becomes ``scale``;
     ``weighted_scale``: λ's default when the models set weights (mergekit sums weighted task
-    vectors); ``first_model_is_base``: without ``base_model`` the first model is the base."""
+    vectors); ``first_model_is_base``: without ``base_model`` the first model is the base;
+    ``inputs(config)`` edits the whole config in place (after the parameter blocks, before
+    ``first_model_is_base``): which of mergekit's inputs the method gets as its ``tensors``
+    (mergekit adds the base to the inputs when ``models`` does not list it)."""
 
     rewrite: Callable[[dict[str, Any], str], None] | None = None
     weighted_scale: float | None = None
     first_model_is_base: bool = False
+    inputs: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +223,29 @@ class MethodSpec:
             raise ConfigError(format_validation_error(exc, where)) from None
         return {name: getattr(model, name) for name in self.param_names}
 
+    def validate_settings(self, params: Mapping[str, Any] | None = None, *,
+                          where: str = "parameters", fill: bool = True) -> dict[str, Any]:
+        """:meth:`validate` for settings that may vary per tensor (mergekit's gradients and
+        filters, ``neuromerge.param_settings``): plain values are validated (and, with
+        ``fill``, defaults added), each value a gradient or filter can take is validated, and
+        the setting itself is kept for the engine to resolve per tensor."""
+        params = dict(params or {})
+        varying = {k: v for k, v in params.items() if not is_uniform(v)}
+        plain = {k: v for k, v in params.items() if k not in varying}
+        out = self.validate(plain, where=where) if fill else (
+            {k: self.validate({k: v}, where=where)[k] for k, v in plain.items()})
+        for key, setting in varying.items():
+            if key in MERGE_WIDE:
+                raise ConfigError(f"{where}.{key}: one value for the whole model (it is not a "
+                                  f"per-tensor parameter)")
+            for leaf in leaves(setting):
+                value = self.validate({key: leaf}, where=where)[key]
+                if value == "auto":
+                    raise ConfigError(f"{where}.{key}: 'auto' is resolved over the whole "
+                                      f"model; it cannot vary per tensor")
+            out[key] = setting
+        return out
+
     def needs_trim_pass(self, params: Mapping[str, Any],
                         densities: Sequence[float] | None = None) -> bool:
         """Whether the engine must stream the whole model once before merging (``densities``:
@@ -236,6 +264,9 @@ class MethodSpec:
         """Engine entry point: params already validated and resolved, tensors in compute dtype."""
         return self.fn(base, list(tensors), ctx=ctx, **params)
 
+
+#: Parameters the merge-wide passes or the random streams depend on: one value per merge.
+MERGE_WIDE = ("trim_scope", "seed")
 
 _REGISTRY: dict[str, MethodSpec] = {}
 

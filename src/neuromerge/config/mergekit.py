@@ -7,6 +7,7 @@ from typing import Any
 
 from neuromerge.errors import ConfigError
 from neuromerge.method_api import Mergekit, get_method
+from neuromerge.param_settings import check_setting
 
 
 def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
@@ -14,11 +15,13 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     The input is not modified.
 
     Every method: ``lambda`` → ``scale``; ``int8_mask`` (a memory option of mergekit's) is
-    dropped; per-layer gradients (lists) and tensor filters (dicts) are refused. Then what the
+    dropped; gradients (lists) and filters (``{filter, value}`` entries) are kept, checked
+    (``neuromerge.param_settings``), and resolved per tensor by the engine. Then what the
     method declares: DARE's ``density`` (keep probability) → ``drop_rate = 1 − density``;
     NeuroMerging's ``normalize`` / ``lambda``; λ = 1 for task_arithmetic / dare_linear when
     weights are given; ``linear`` without ``base_model`` takes the first model as the base (only
-    its shapes and support files are used)."""
+    its shapes and support files are used); the method's ``inputs`` hook says which models it
+    merges (slerp's kind: the models other than the base; karcher: the base with them)."""
     out = dict(data)
     method = out.get("merge_method")
     compat = _compat(method)
@@ -42,6 +45,8 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         isinstance(b, dict) and "weight" in b for b in new_blocks[1:])
     if compat.weighted_scale is not None and weighted and "scale" not in params:
         out["parameters"] = {**params, "scale": compat.weighted_scale}
+    if compat.inputs is not None and isinstance(out.get("models"), list):
+        compat.inputs(out)
     if compat.first_model_is_base and out.get("base_model") is None \
             and isinstance(entries, list) and entries:
         first = entries[0]
@@ -60,13 +65,7 @@ def _compat(method: Any) -> Mergekit:
 def _block(block: dict[str, Any], loc: str, compat: Mergekit) -> dict[str, Any]:
     block = dict(block)
     for key, value in block.items():
-        if isinstance(value, list):
-            raise ConfigError(f"{loc}.{key}: per-layer gradients (lists) are not supported: "
-                              f"give one number for the whole model")
-        if isinstance(value, dict):
-            raise ConfigError(f"{loc}.{key}: per-tensor filters (mappings) are not "
-                              f"supported: give one number, or use tensor_class to copy "
-                              f"tensors from the base")
+        check_setting(value, f"{loc}.{key}")
     block.pop("int8_mask", None)  # mergekit's mask dtype: a memory option, no effect on values
     if compat.rewrite is not None:
         compat.rewrite(block, loc)

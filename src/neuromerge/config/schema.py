@@ -4,6 +4,7 @@ the method's own parameters checked against its registered signature."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,10 @@ from pydantic import (
 from neuromerge.config.mergekit import from_mergekit
 from neuromerge.errors import ConfigError, InputError
 from neuromerge.io.hub import ModelRef, parse_model_ref
+from neuromerge.param_settings import is_uniform
 from neuromerge.registry import MergeMethod, get_method
+
+log = logging.getLogger("neuromerge")
 
 TensorClass = Literal["neuronal", "point", "copy"]
 
@@ -124,17 +128,25 @@ class MergeConfig(BaseModel):
             return get_method(self.merge_method)
 
     def validated_parameters(self) -> dict[str, Any]:
-        """The method's full parameter set, defaults filled; raises ConfigError."""
+        """The method's full parameter set, defaults filled (gradients and filters kept as
+        settings, each of their values checked); raises ConfigError."""
         method = self.method
         with self._blame():
-            params = method.validate(self.parameters)
+            params = method.validate_settings(self.parameters)
+            if method.trims and "trim_scope" not in self.parameters and any(
+                    not is_uniform(block.get("density"))
+                    for block in [self.parameters, *(e.parameters for e in self.models)]):
+                # mergekit trims each tensor on its own; a per-tensor density needs that
+                log.info("density varies per tensor (a gradient or filters): trim_scope: tensor")
+                params["trim_scope"] = "tensor"
             for i, entry in enumerate(self.models):
                 extra = sorted(set(entry.parameters) - set(method.per_model_params))
                 if extra:
                     allowed = ", ".join(method.per_model_params) or "none"
                     raise ConfigError(f"models[{i}].parameters: {method.name!r} takes no "
                                       f"per-model parameter {extra[0]!r} (per-model: {allowed})")
-                method.validate(dict(entry.parameters), where=f"models[{i}].parameters")
+                method.validate_settings(entry.parameters, where=f"models[{i}].parameters",
+                                         fill=False)
                 if method.needs and entry.statistics is None:
                     raise ConfigError(
                         f"models[{i}] ({entry.model}): {method.name} needs the model's "

@@ -62,19 +62,14 @@ class _Execution:
         self.trim: TrimSummary | None = None
         self.params: dict[str, Any] = {}
 
-    @property
-    def density(self) -> float | tuple[float, ...]:
-        return self.plan.model_params.get("density", self.plan.params.get("density", 1.0))
-
     def run(self, sink: TensorSink) -> MergeResult:
         t0 = time.perf_counter()
         self.plan.memory.tune_heap()
-        if self.method.needs_trim_pass(self.plan.params, self.plan.model_params.get("density")):
+        if trim_pass.needs_trim_pass(self.method, self.plan.tensors):
             t1 = time.perf_counter()
             self.trim = trim_pass.trim_pass(
-                self.plan.units, self.inputs, density=self.density,
-                scope=self.plan.params["trim_scope"], progress=self.progress,
-                block_thresholds=self.block_thresholds)
+                self.plan.units, self.inputs, scope=self.plan.params["trim_scope"],
+                progress=self.progress, block_thresholds=self.block_thresholds)
             self.seconds["trim_pass"] = time.perf_counter() - t1
             self.plan.memory.trim_heap()  # the selects' histograms
         self.params = self.method.resolved(dict(self.plan.params), self.trim)
@@ -119,7 +114,7 @@ class _Execution:
                     plan.memory.trim_heap()
 
     def prepare_blocks(self, group: Sequence[Unit]) -> dict[str, Any]:
-        fields = trim_pass.prepare_blocks(group, self.inputs, self.method, self.density,
+        fields = trim_pass.prepare_blocks(group, self.inputs, self.method, group[0].plan.density,
                                           self.global_thresholds, self.block_thresholds,
                                           self.merge_unit)
         self.plan.memory.trim_heap()
@@ -148,7 +143,7 @@ class _Execution:
         ctx = TensorContext(name=u.plan.name, kind=u.plan.kind,  # type: ignore[arg-type]
                             model_seeds=self.plan.model_seeds,
                             row_offset=u.rows[0] if u.rows else 0,
-                            model_params=self.plan.model_params or None,
+                            model_params=u.plan.model_params or None,
                             statistics=stats.read(u) if stats else None, **ctx_fields)
         dev = self.plan.device
         return self.method.merge_tensor(self.inputs.to_compute(b), [e.to(dev) for e in exs],
@@ -172,7 +167,9 @@ class _Execution:
                    "architecture": plan.architecture.record(),
                    "neuron_axes": {p.name: p.neuron_axis for p in plan.tensors
                                    if p.neuron_axis != 0},
-                   "tied": dict(plan.tied)})
+                   "tied": dict(plan.tied),
+                   "tensor_params": {p.name: plan.tensor_values(p) for p in plan.tensors
+                                     if p.kind != "copy"} if plan.varying else {}})
 
 
 def log_resolved(method: str, params: Mapping[str, Any], trim: TrimSummary | None,

@@ -33,10 +33,12 @@ def merge_state_dicts(
     names identify models for per-model seeds). The merged tensors are in ``.state_dict``.
     ``config`` (``model.config.to_dict()`` or a config.json's content) gives the architecture
     (GPT-2's Conv1D weights have their neurons as columns); ``neuron_axis`` maps name globs to
-    axes, as the YAML key of that name. ``statistics``: per expert (same order), the
-    {tensor name: statistic} a method declared with ``needs`` reads (Fisher, RegMean Grams)."""
+    axes, as the YAML key of that name. ``params`` and ``per_model`` values may be mergekit's
+    gradients and filters (``neuromerge.param_settings``). ``statistics``: per expert (same
+    order), the {tensor name: statistic} a method declared with ``needs`` reads (Fisher, RegMean
+    Grams)."""
     m = method if isinstance(method, MethodSpec) else get_method(method)
-    full = m.validate(params)
+    full = m.validate_settings(params)
     if isinstance(experts, Mapping):
         keys, sds = list(experts), list(experts.values())
     else:

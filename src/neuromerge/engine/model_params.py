@@ -1,5 +1,6 @@
-"""Per-model parameter values: ``models[i].parameters`` (and seeds) resolved against the
-method's declaration, one value per expert."""
+"""Parameter values per model and per tensor: ``models[i].parameters`` (and seeds) resolved
+against the method's declaration, one value per expert; gradients and filters resolved at each
+tensor's name and layer position."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from neuromerge.errors import ConfigError
 from neuromerge.kernels import derive_seed
 from neuromerge.method_api import MethodSpec
+from neuromerge.param_settings import is_uniform, layer_positions, resolve
 
 
 def model_seeds(params: Mapping[str, Any], keys: Sequence[str],
@@ -37,4 +39,36 @@ def model_values(method: MethodSpec, params: Mapping[str, Any], n_models: int,
         checked = [method.validate({key: pm[key]}, where=f"models[{i}].parameters")[key]
                    if key in pm else params[key] for i, pm in enumerate(per_model)]
         out[key] = tuple(checked)
+    return out
+
+
+def varies(params: Mapping[str, Any], per_model: Sequence[Mapping[str, Any]] | None) -> bool:
+    """Whether any parameter is a gradient or filters (``neuromerge.param_settings``)."""
+    return any(not is_uniform(v) for block in [params, *(per_model or [])]
+               for v in block.values())
+
+
+def tensor_parameters(method: MethodSpec, params: Mapping[str, Any],
+                      per_model: Sequence[Mapping[str, Any]] | None, names: Sequence[str],
+                      n_layers: int | None
+                      ) -> dict[str, tuple[dict[str, Any], dict[str, tuple[Any, ...]]]]:
+    """{tensor: (its parameters, its per-model values)} with every gradient and filter
+    resolved at the tensor's name and layer position (mergekit's precedence: a model's own
+    setting, then the global one, then the method's default)."""
+    n = len(per_model) if per_model is not None else 0
+    positions = layer_positions(names, n_layers)
+    out = {}
+    for name in names:
+        t = positions[name]
+        shared = {}
+        for key in params:
+            found, value = resolve([params], key, name, t)
+            if found:
+                shared[key] = value
+        resolved = method.validate(shared, where=f"parameters (tensor {name!r})")
+        models = []
+        for block in per_model or []:
+            models.append({key: value for key in block
+                           for found, value in [resolve([block], key, name, t)] if found})
+        out[name] = (resolved, model_values(method, resolved, n, models) if n else {})
     return out

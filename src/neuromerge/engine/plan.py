@@ -43,9 +43,16 @@ class TensorPlan:
     axis_reason: str = ""  # why neuron_axis is not 0
     #: The inputs, the base's first, then one per expert in order (the base's alone for a copy).
     sources: tuple[Source, ...] = ()
-    #: The method's parameters for this tensor; values a merge-wide pass resolves (``auto``)
-    #: stay as given until the executor has run that pass.
+    #: The method's parameters for this tensor (gradients and filters resolved); values a
+    #: merge-wide pass resolves (``auto``) stay as given until the executor has run that pass.
     params: Mapping[str, Any] = field(default_factory=dict)
+    #: The per-model values of the method's per-model parameters, for this tensor.
+    model_params: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    @property
+    def density(self) -> float | tuple[float, ...]:
+        """The trim density of each model for this tensor (one for all where models set none)."""
+        return self.model_params.get("density", self.params.get("density", 1.0))
 
 
 Rows = tuple[int, int] | None  # a block [start, stop) of a tensor's neurons, or None: all of it
@@ -91,6 +98,14 @@ class MergePlan:
     tied: Mapping[str, str]
     compute_dtype: torch.dtype
     device: torch.device
+    #: Parameters given as gradients or filters: their value is each tensor's own.
+    varying: tuple[str, ...] = ()
+
+    def tensor_values(self, p: TensorPlan) -> dict[str, Any]:
+        """The tensor's values of the :attr:`varying` parameters (per-model ones as lists)."""
+        out: dict[str, Any] = {k: p.params[k] for k in self.varying if k in p.params}
+        out.update({k: list(v) for k, v in p.model_params.items() if k in self.varying})
+        return out
 
     def blocks(self) -> dict[str, int]:
         """{tensor: number of row blocks} of every tensor not merged whole."""
@@ -110,6 +125,9 @@ class MergePlan:
         for p in self.tensors:
             axis = str(p.neuron_axis) if p.kind == "neuronal" else "-"
             why = p.axis_reason if p.kind == "neuronal" else p.reason
+            if self.varying and p.kind != "copy":
+                values = ", ".join(f"{k}={_short(v)}" for k, v in self.tensor_values(p).items())
+                why = f"{why}; {values}" if why else values
             rows.append((p.name, "x".join(map(str, p.meta.shape)) or "scalar",
                          dtype_name(p.meta.dtype), p.kind, axis, why))
         rows += [(copy, "", "", "tied", "-", f"= {kept}, left out") for copy, kept
@@ -148,15 +166,23 @@ class MergePlan:
             "compute_dtype": dtype_name(self.compute_dtype), "device": str(self.device),
             "memory": {"budget": self.memory.budget, "limited": self.memory.limited,
                        "band": self.memory.band},
-            "passes": list(self.passes),
+            "passes": list(self.passes), "varying": list(self.varying),
             "tensors": [{
                 "name": p.name, "shape": list(p.meta.shape), "dtype": dtype_name(p.meta.dtype),
                 "out_dtype": dtype_name(p.out_dtype), "kind": p.kind,
                 "neuron_axis": p.neuron_axis, "why": p.axis_reason or p.reason,
                 "sources": [{"model": s.model, "name": s.name} for s in p.sources],
-                "params": dict(p.params), "held": p.name in self.held,
+                "params": dict(p.params),
+                "model_params": {k: list(v) for k, v in p.model_params.items()},
+                "held": p.name in self.held,
                 "units": units[p.name]} for p in self.tensors],
         }
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, list):
+        return "[" + ", ".join(_short(x) for x in v) + "]"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def to_neurons(t: torch.Tensor, axis: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -17,13 +18,15 @@ from neuromerge.devices import compute_dtype, resolve_device
 from neuromerge.engine.execute import MergeJob
 from neuromerge.engine.inputs import DataStatistics
 from neuromerge.engine.memory import MemoryPolicy, format_bytes
-from neuromerge.engine.model_params import model_seeds, model_values
+from neuromerge.engine.model_params import model_seeds, model_values, tensor_parameters, varies
 from neuromerge.engine.plan import Kind, MergePlan, TensorPlan, Unit, build_plan
+from neuromerge.engine.trim_pass import needs_trim_pass
 from neuromerge.engine.units import plan_units
 from neuromerge.errors import ConfigError
 from neuromerge.io.dtypes import NAME_TO_TORCH
 from neuromerge.io.reader import CheckpointReader
 from neuromerge.method_api import MethodSpec
+from neuromerge.param_settings import is_uniform
 
 log = logging.getLogger("neuromerge")
 
@@ -61,27 +64,52 @@ def prepare(base: CheckpointReader, experts: Sequence[CheckpointReader], method:
                           f"(models[i].statistics; see `neuromerge statistics --help`)")
     if statistics is not None and len(statistics) != len(experts):
         raise ConfigError(f"{len(statistics)} statistics files for {len(experts)} models")
+    # the units hold their tensor's plan: every tensor's parameters are resolved first
+    tensors, values = _tensor_parameters(method, params, per_model, tensors, architecture,
+                                         len(experts))
     memory = MemoryPolicy.decide(memory_limit, trims=method.trims, n_experts=len(experts))
     units, held = plan_units(tensors, base, experts, memory.budget, cdtype,
                              row_local=method.row_local, working_set=method.working_set)
     _check_blocks(units, held, memory, method)
     data_stats = (None if method.needs is None or statistics is None else
                   DataStatistics(method.needs, statistics, tensors, method.name, dev, cdtype))
-    values = model_values(method, params, len(experts), per_model)
     plan = MergePlan(
         method=method.name, params=dict(params), models=tuple(model_keys), model_params=values,
         model_seeds=model_seeds(params, model_keys, per_model), tensors=tuple(tensors),
-        units=tuple(units), held=frozenset(held), passes=_passes(method, params, values, units),
-        memory=memory, architecture=architecture, tied=tied, compute_dtype=cdtype, device=dev)
+        units=tuple(units), held=frozenset(held), passes=_passes(method, params, tensors, units),
+        memory=memory, architecture=architecture, tied=tied, compute_dtype=cdtype, device=dev,
+        varying=tuple(dict.fromkeys(k for block in [params, *(per_model or [])]
+                                    for k, v in block.items() if not is_uniform(v))))
     return MergeJob(plan, method, base, experts, data_stats, read_ahead,
                     time.perf_counter() - t0)
 
 
-def _passes(method: MethodSpec, params: Mapping[str, Any],
-            values: Mapping[str, tuple[Any, ...]], units: Sequence[Unit]) -> tuple[str, ...]:
+def _tensor_parameters(method: MethodSpec, params: Mapping[str, Any],
+                       per_model: Sequence[Mapping[str, Any]] | None,
+                       tensors: Sequence[TensorPlan], architecture: Architecture,
+                       n_models: int) -> tuple[list[TensorPlan], dict[str, tuple[Any, ...]]]:
+    """Every merged tensor's parameters and per-model values, and the merge-wide per-model
+    values (empty where gradients or filters make them vary per tensor)."""
+    merged = [p for p in tensors if p.kind != "copy"]
+    if not varies(params, per_model):
+        values = model_values(method, params, n_models, per_model)
+        return [replace(p, model_params=values) if p.kind != "copy" else p
+                for p in tensors], values
+    if method.trims and params.get("trim_scope") == "global" and any(
+            not is_uniform(block.get("density")) for block in [params, *(per_model or [])]):
+        raise ConfigError("density varies per tensor (a gradient or filters), but a global trim "
+                          "takes one density per model: set trim_scope: tensor")
+    per = tensor_parameters(method, params, per_model, [p.name for p in merged],
+                            architecture.num_layers)
+    return [replace(p, params=per[p.name][0], model_params=per[p.name][1])
+            if p.kind != "copy" else p for p in tensors], {}
+
+
+def _passes(method: MethodSpec, params: Mapping[str, Any], tensors: Sequence[TensorPlan],
+            units: Sequence[Unit]) -> tuple[str, ...]:
     """What the executor computes over the inputs before it merges (for the plan's reader)."""
     out = []
-    if method.needs_trim_pass(params, values.get("density")):
+    if needs_trim_pass(method, tensors):
         what = ("each task's trim threshold and σ" if params.get("trim_scope") == "global"
                 else "each task's σ")
         auto = ", ".join(k for k, v in params.items() if v == "auto")

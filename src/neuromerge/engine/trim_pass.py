@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from neuromerge.engine.inputs import Inputs
-from neuromerge.engine.plan import Unit
+from neuromerge.engine.plan import TensorPlan, Unit
 from neuromerge.engine.units import group_by_tensor
 from neuromerge.kernels import keep_count, kth_largest, per_task
 from neuromerge.method_api import MethodSpec, SumCollector, SumsCollected, TrimSummary
@@ -22,18 +22,32 @@ from neuromerge.thresholds import MagnitudeSelect, band_from
 log = logging.getLogger("neuromerge")
 
 
+def needs_trim_pass(method: MethodSpec, tensors: Sequence[TensorPlan]) -> bool:
+    """Whether any merged tensor needs the merge-wide trim pass (a global trim, ``auto``)."""
+    return any(method.needs_trim_pass(p.params, p.model_params.get("density"))
+               for p in tensors if p.kind != "copy")
+
+
 def trim_pass(units: Sequence[Unit], inputs: Inputs, *,
-              density: float | Sequence[float], scope: str, progress: bool = False,
+              density: float | Sequence[float] | None = None, scope: str,
+              progress: bool = False,
               block_thresholds: dict[str, tuple[float, ...]] | None = None) -> TrimSummary:
     """Each task's trim threshold (global scope) and L1 mass before/after the trim, streamed
-    (``density``: one for every task, or one per task where models set their own).
+    (``density``: one for every task, or one per task where models set their own; None: each
+    tensor's own, ``TensorPlan.density``, which a global trim needs to be the same for all).
 
     With the per-tensor scope, the thresholds of tensors merged in row blocks are stored in
     ``block_thresholds`` for the merge pass."""
     merged = [u for u in units if u.plan.kind != "copy"]
     n_tasks = len(inputs.experts)
-    densities = per_task(density, n_tasks)
-    density = densities[0] if len(set(densities)) == 1 else min(densities)
+
+    def densities_of(p: TensorPlan) -> list[float]:
+        return per_task(p.density if density is None else density, n_tasks)
+
+    # per task; a global trim has the same for every tensor (prepare refuses other plans)
+    densities = densities_of(merged[0].plan) if merged else [1.0] * n_tasks
+    every = {d for u in merged for d in densities_of(u.plan)} or {1.0}
+    density = densities[0] if len(every) == 1 else min(every)
     n = sum(u.numel for u in merged)
     if scope == "global" and density < 1 and n > 0:
         # one select pass serves every distinct k; each task reads its own k's result
@@ -46,20 +60,22 @@ def trim_pass(units: Sequence[Unit], inputs: Inputs, *,
         results = [(0.0, l1[t]) if densities[t] >= 1 else r for t, r in enumerate(results)]
         return TrimSummary(density, scope, n, task_ks[0] if len(ks) == 1 else None,
                            tuple(r[0] for r in results), tuple(l1), tuple(r[1] for r in results))
-    total, kept = _per_tensor_masses(merged, inputs, densities, progress, block_thresholds)
+    total, kept = _per_tensor_masses(merged, inputs, densities_of, progress, block_thresholds)
     return TrimSummary(density, scope, n, None, None, tuple(total), tuple(kept))
 
 
-def _per_tensor_masses(merged: Sequence[Unit], inputs: Inputs, densities: Sequence[float],
-                       progress: bool, block_thresholds: dict[str, tuple[float, ...]] | None
+def _per_tensor_masses(merged: Sequence[Unit], inputs: Inputs,
+                       densities_of: Callable[[TensorPlan], list[float]], progress: bool,
+                       block_thresholds: dict[str, tuple[float, ...]] | None
                        ) -> tuple[list[float], list[float]]:
     """Per-tensor trim: a tensor's threshold needs all of it, so blocked tensors use the
     streaming select over their blocks (thresholds kept for the merge), the others a k-th
     value."""
-    total = [0.0] * len(densities)
-    kept = [0.0] * len(densities)
+    total = [0.0] * len(inputs.experts)
+    kept = [0.0] * len(inputs.experts)
     whole = [u for u in merged if u.rows is None]
     for u, base, experts in bar(inputs.stream(whole), progress, "trim pass", whole):
+        densities = densities_of(u.plan)
         for t, mags in inputs.task_magnitudes(base, experts):
             l1 = float(mags.sum(dtype=torch.float64))
             total[t] += l1
@@ -69,10 +85,10 @@ def _per_tensor_masses(merged: Sequence[Unit], inputs: Inputs, densities: Sequen
                 h = kth_largest(mags, keep_count(densities[t], u.plan.meta.numel))
                 kept[t] += float(mags[mags >= h].sum(dtype=torch.float64))
     for name, group in group_by_tensor([u for u in merged if u.rows is not None]):
-        hs, tot, kep = blocked_tensor_trim(group, inputs, densities)
+        hs, tot, kep = blocked_tensor_trim(group, inputs, densities_of(group[0].plan))
         if hs is not None and block_thresholds is not None:
             block_thresholds[name] = hs
-        for t in range(len(densities)):
+        for t in range(len(inputs.experts)):
             total[t] += tot[t]
             kept[t] += kep[t]
     return total, kept

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from neuromerge.errors import ConfigError
 from neuromerge.kernels import dare_drop, derive_seed, per_task, task_vectors, ties_merge, weigh
+from neuromerge.param_settings import map_leaves
 from neuromerge.params import DropRate, Normalize, Rescale, Seed, Weight
 from neuromerge.registry import Mergekit, TensorContext, merge_method
 
@@ -48,11 +49,14 @@ def mergekit_keep_rate(block: dict[str, Any], where: str) -> None:
     if "drop_rate" in block:
         raise ConfigError(f"{where}: give density (mergekit's keep probability) or drop_rate, "
                           f"not both")
-    density = block.pop("density")
-    if not isinstance(density, int | float) or not 0 < density <= 1:
-        raise ConfigError(f"{where}.density: DARE's keep probability must be in (0, 1] "
-                          f"(got {density!r})")
-    block["drop_rate"] = 1.0 - float(density)
+
+    def drop_rate(density: Any) -> float:
+        if not isinstance(density, int | float) or not 0 < density <= 1:
+            raise ConfigError(f"{where}.density: DARE's keep probability must be in (0, 1] "
+                              f"(got {density!r})")
+        return 1.0 - float(density)
+
+    block["drop_rate"] = map_leaves(block.pop("density"), drop_rate)  # gradients: each point
 
 
 @merge_method(name="dare_linear", reference_url=_REFERENCE, per_model_params=_PER_MODEL,
