@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from neuromerge.cli.common import add_device_option, key_value, log
+from neuromerge.cli.mergekit_options import add_options as add_mergekit_options
+from neuromerge.cli.mergekit_options import apply_options as apply_mergekit_options
 from neuromerge.errors import ConfigError, OutputError
 
 EPILOG = """\
@@ -17,6 +19,7 @@ example:
   neuromerge merge merge.yaml ./merged -p density=0.1 -p lambda2=1.5 --force
   neuromerge merge merge.yaml ./merged --memory-limit 8GB --device cuda
   neuromerge merge merge.yaml --dry-run --memory-limit 8GB --plan-json plan.json
+  neuromerge merge mergekit.yaml ./merged --cuda --out-shard-size 5B --lazy-unpickle
 
 merge.yaml (close to mergekit's schema):
   merge_method: neuromerging
@@ -72,6 +75,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     m.add_argument("--no-read-ahead", dest="read_ahead", action="store_false",
                    help="do not read the next tensor while merging this one (less memory, "
                         "slower)")
+    add_mergekit_options(m)
     return m
 
 
@@ -79,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from neuromerge.config import load_config
     from neuromerge.pipeline import merge, plan_merge
 
+    apply_mergekit_options(args)
     cfg = load_config(args.config)
     if args.plan_json is not None and not args.dry_run:
         raise ConfigError("merge: --plan-json goes with --dry-run (the plan of a merge that "
