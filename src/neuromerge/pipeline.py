@@ -284,6 +284,7 @@ def _write_record(folder: Path, config: Mapping[str, Any], result: MergeResult,
         "architecture": result.extra.get("architecture"),
         "neuron_axes": result.extra.get("neuron_axes", {}),
         "tied": result.extra.get("tied", {}),
+        "tensor_params": result.extra.get("tensor_params", {}),
         "lora": result.extra.get("lora"),
     }
     (folder / "neuromerge_result.json").write_text(json.dumps(record, indent=2) + "\n")
