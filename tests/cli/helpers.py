@@ -15,7 +15,8 @@ from transformers import AutoModel, AutoTokenizer
 METHODS = ["average", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
            "neuromerging", "dare_neuromerging", "pcb", "breadcrumbs", "consensus_ta",
            "consensus_ties", "tsv_m",
-           "iso_c", "iso_cts"]
+           "iso_c", "iso_cts", "breadcrumbs_ties", "della", "della_linear", "model_stock",
+           "sce"]
 DATA_METHODS = ["fisher", "regmean"]  # need per-model statistics: tests/test_statistics.py
 SUPPORT = ["config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
 OUTPUT_FILES = sorted(["README.md", "model.safetensors", "neuromerge_config.yaml",

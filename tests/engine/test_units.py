@@ -47,10 +47,13 @@ CASES = [
     ("fisher", {"fisher_floor": 0.0, "scale": 0.5}),
     ("regmean", {}),
     ("regmean", {"offdiag_scale": 1.0}),
+    ("model_stock", {}),
+    ("model_stock", {"filter_wise": True}),
 ]
 
 #: Methods whose merged rows depend on other rows (per-tensor order statistics, an SVD).
-WHOLE_TENSOR = ["breadcrumbs", "pcb", "tsv_m", "iso_c", "iso_cts"]
+WHOLE_TENSOR = ["breadcrumbs", "pcb", "tsv_m", "iso_c", "iso_cts", "breadcrumbs_ties", "sce",
+                "della", "della_linear"]
 
 
 def tie_heavy_models(n_experts: int = 3) -> tuple[dict, list[dict]]:
