@@ -61,7 +61,8 @@ def test_validate_fills_defaults_and_checks_values() -> None:
 
 
 def test_unknown_method() -> None:
-    with pytest.raises(ConfigError, match=r"unknown merge_method 'tie'.*available: average"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown merge_method 'tie'.*available: arcee_fusion, average"):
         get_method("tie")
 
 
