@@ -236,3 +236,17 @@ def test_per_model_value_is_validated(tmp_path: Path) -> None:
                     "  - {model: a, parameters: {density: 1.5}}\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: models\[0\]\.parameters\.density"):
         load_config(path).validated_parameters()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]}]},
+     r"slices: slices / layer_range .* not supported yet"),
+    ({"tokenizer": {"source": "union"}}, r"tokenizer: the tokenizer: block .* tokenizer_source"),
+    ({"chat_template": "chatml"}, r"chat_template is not supported yet"),
+    ({"merge_method": "passthrough"}, r"passthrough \(stacking layer ranges\) is not supported"),
+])
+def test_what_is_not_supported_yet_says_so_in_one_line(extra: dict, message: str) -> None:
+    raw = {"merge_method": "ties", "base_model": "b", "models": ["a"], **extra}
+    with pytest.raises(ConfigError, match=message) as err:
+        config_from_dict(raw, source="m.yaml")
+    assert str(err.value).startswith("m.yaml: ") and "\n" not in str(err.value)

@@ -22,6 +22,7 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     weights are given; ``linear`` without ``base_model`` takes the first model as the base (only
     its shapes and support files are used); the method's ``inputs`` hook says which models it
     merges (slerp's kind: the models other than the base; karcher: the base with them)."""
+    _refuse_unsupported(data)
     out = dict(data)
     method = out.get("merge_method")
     compat = _compat(method)
@@ -52,6 +53,28 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         first = entries[0]
         out["base_model"] = first.get("model") if isinstance(first, dict) else first
     return out
+
+
+#: mergekit keys and methods not supported yet, with what to do instead (docs/mergekit.md).
+UNSUPPORTED = {
+    "slices": "slices / layer_range (layer-range merges and frankenmerges) are not supported "
+              "yet: list whole models under models:",
+    "modules": "modules: (per-module merges) is not supported yet: list whole models under "
+               "models:",
+    "tokenizer": "the tokenizer: block is not supported yet: use tokenizer_source: base, union "
+                 "or model:ID",
+    "chat_template": "chat_template is not supported yet: the chat template of the tokenizer's "
+                     "source is kept; remove the key",
+}
+
+
+def _refuse_unsupported(data: dict[str, Any]) -> None:
+    for key, why in UNSUPPORTED.items():
+        if key in data:
+            raise ConfigError(f"{key}: {why}")
+    if data.get("merge_method") == "passthrough":
+        raise ConfigError("merge_method: passthrough (stacking layer ranges) is not supported "
+                          "yet")
 
 
 def _compat(method: Any) -> Mergekit:
