@@ -195,6 +195,8 @@ class MethodSpec:
     linear_in: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     working_set: Callable[[int, int], int] = default_working_set
     mergekit: Mergekit = Mergekit()
+    #: How many models besides the base it merges: (at least, at most; None: no limit).
+    n_models: tuple[int, int | None] = (1, None)
     _model: type[BaseModel] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -259,9 +261,20 @@ class MethodSpec:
         """Replace data-dependent values (``lambda2: auto``) with numbers."""
         return self.resolve(dict(params), trim) if self.resolve else dict(params)
 
+    def check_models(self, n: int) -> None:
+        """Refuse a merge of ``n`` models besides the base that the method does not take."""
+        least, most = self.n_models
+        if least <= n and (most is None or n <= most):
+            return
+        want = (f"at least {least}" if most is None else
+                f"exactly {least}" if least == most else f"{least} to {most}")
+        raise ConfigError(f"{self.name} merges {want} model{'' if want.endswith(' 1') else 's'} "
+                          f"besides the base (got {n})")
+
     def merge_tensor(self, base: torch.Tensor, tensors: Sequence[torch.Tensor],
                      ctx: TensorContext, params: Mapping[str, Any]) -> torch.Tensor:
-        """Engine entry point: params already validated and resolved, tensors in compute dtype."""
+        """Engine entry point: params already validated and resolved; the base in the compute
+        dtype, the models as stored (``kernels.task_vectors`` converts each as it subtracts)."""
         return self.fn(base, list(tensors), ctx=ctx, **params)
 
 

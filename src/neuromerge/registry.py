@@ -91,6 +91,7 @@ def merge_method(
     linear_in: Sequence[str] | Mapping[str, Mapping[str, float]] = (),
     working_set: Callable[[int, int], int] = default_working_set,
     mergekit: Mergekit = Mergekit(),  # noqa: B008  (frozen: a shared default is safe)
+    n_models: tuple[int, int | None] = (1, None),
 ) -> Callable[[Callable[..., torch.Tensor]], MergeMethod]:
     """Register ``fn(base, tensors, *, <params>, ctx)`` as a merge method called ``name``.
 
@@ -105,7 +106,8 @@ def merge_method(
     the engine streams with the weights into :attr:`TensorContext.statistics`.
     ``linear_in``: the parameters the merged delta is linear in (names, or name → the values that
     isolate that component); ``working_set``: bytes per entry of the method's working copies;
-    ``mergekit``: how mergekit's YAML for it maps onto its parameters.
+    ``mergekit``: how mergekit's YAML for it maps onto its parameters; ``n_models``: how many
+    models besides the base it merges (at least, at most), checked when the merge is planned.
     """
 
     def register(fn: Callable[..., torch.Tensor]) -> MergeMethod:
@@ -135,7 +137,7 @@ def merge_method(
             params=specs, trims=trims, needs_base=needs_base,
             per_model_params=tuple(per_model_params), resolve=resolve, trim_pass_if=trim_pass_if,
             row_local=row_local, needs=needs, linear_in=linear, working_set=working_set,
-            mergekit=mergekit, _model=model,
+            mergekit=mergekit, n_models=n_models, _model=model,
         )
         method_api.register(method)
         return method

@@ -5,6 +5,7 @@ gives."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -93,3 +94,20 @@ def test_planning_refuses_before_any_tensor_is_read(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(memory, "memory_budget", lambda limit: per * 8)
     with pytest.raises(ConfigError, match=r"emb\.weight.*not row-local"):
         job_for("tsv_m", memory_limit=1 << 30)
+
+
+@pytest.mark.parametrize(("method", "message"), [
+    ("nuslerp", "nuslerp merges exactly 2 models besides the base (got 1)"),
+    ("model_stock", "model_stock merges at least 2 models besides the base (got 1)"),
+])
+def test_the_number_of_models_is_checked_when_planning(method: str, message: str) -> None:
+    base, experts = models()
+    m = get_method(method)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        prepare(StateDictReader(base, "base"), [StateDictReader(experts["math"], "math")], m,
+                m.validate(), model_keys=["math"])
+    with pytest.raises(ConfigError, match=r"slerp merges 1 to 2 models besides the base \(got 3"):
+        prepare(
+            StateDictReader(base, "base"), [StateDictReader(sd, k) for k, sd in
+                                            [*experts.items(), ("x", base)]],
+            get_method("slerp"), get_method("slerp").validate(), model_keys=["a", "b", "x"])

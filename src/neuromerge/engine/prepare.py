@@ -51,6 +51,7 @@ def prepare(base: CheckpointReader, experts: Sequence[CheckpointReader], method:
     are tied copies. ``statistics``: one reader per expert of the data statistics a method
     declared with ``needs`` reads, tensor names as in the checkpoints."""
     t0 = time.perf_counter()
+    method.check_models(len(experts))
     dev, cdtype = resolve_device(device), compute_dtype(dtype)
     odtype = NAME_TO_TORCH[out_dtype] if isinstance(out_dtype, str) else out_dtype
     tied = tied_copies(base, experts, architecture)

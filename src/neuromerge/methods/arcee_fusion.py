@@ -28,7 +28,7 @@ def _order_statistic(flat: torch.Tensor, q: float) -> torch.Tensor:
 
 
 @merge_method(name="arcee_fusion", reference_url="https://arcee.ai", row_local=False,
-              mergekit=Mergekit(inputs=drop_listed_base))
+              mergekit=Mergekit(inputs=drop_listed_base), n_models=(1, 2))
 def arcee_fusion(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     ctx: TensorContext = TensorContext(),

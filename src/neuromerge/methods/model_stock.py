@@ -43,7 +43,8 @@ def _pair_cosines(tv: torch.Tensor, ctx: TensorContext, rows: bool) -> torch.Ten
     return torch.tensor(sum(cos) / len(cos), dtype=tv.dtype, device=tv.device)
 
 
-@merge_method(name="model_stock", reference_url="https://arxiv.org/abs/2403.19522")
+@merge_method(name="model_stock", reference_url="https://arxiv.org/abs/2403.19522",
+              n_models=(2, None))
 def model_stock(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     filter_wise: Annotated[bool, Field(

@@ -15,7 +15,7 @@ from neuromerge.registry import Mergekit, TensorContext, merge_method
 
 @merge_method(name="nearswap",
               reference_url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
-              mergekit=Mergekit(inputs=drop_listed_base))
+              mergekit=Mergekit(inputs=drop_listed_base), n_models=(1, 2))
 def nearswap(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     t: Annotated[float, Field(description="distance scale: an entry whose |θ1 − θ0| ≤ t takes "

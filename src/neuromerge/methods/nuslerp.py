@@ -46,7 +46,7 @@ def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dim: int = 
 @merge_method(name="nuslerp",
               reference_url="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
               per_model_params=("weight",), row_local=False,
-              mergekit=Mergekit(inputs=optional_base))
+              mergekit=Mergekit(inputs=optional_base), n_models=(2, 2))
 def nuslerp(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     weight: Weight = 1.0,

@@ -41,7 +41,7 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, *,
 
 
 @merge_method(name="slerp", reference_url="https://en.wikipedia.org/wiki/Slerp",
-              row_local=False, mergekit=Mergekit(inputs=drop_listed_base))
+              row_local=False, mergekit=Mergekit(inputs=drop_listed_base), n_models=(1, 2))
 def slerp(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     t: Annotated[float, Field(description="interpolation factor: 0 gives the base, 1 the other "
