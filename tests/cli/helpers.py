@@ -18,6 +18,9 @@ METHODS = ["average", "linear", "task_arithmetic", "ties", "dare_linear", "dare_
            "iso_c", "iso_cts", "breadcrumbs_ties", "della", "della_linear", "model_stock",
            "sce"]
 DATA_METHODS = ["fisher", "regmean"]  # need per-model statistics: tests/test_statistics.py
+#: mergekit's spherical and two-model methods: merged through `neuromerge merge` against mergekit
+#: itself in their tests (tests/methods/test_<name>.py, tests/mergekit_ref.py)
+SPHERICAL_METHODS = ["slerp", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion"]
 SUPPORT = ["config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
 OUTPUT_FILES = sorted(["README.md", "model.safetensors", "neuromerge_config.yaml",
                        "neuromerge_result.json", *SUPPORT])

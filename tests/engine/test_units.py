@@ -49,11 +49,20 @@ CASES = [
     ("regmean", {"offdiag_scale": 1.0}),
     ("model_stock", {}),
     ("model_stock", {"filter_wise": True}),
+    ("nearswap", {}),
+    ("nearswap", {"t": 0.5}),
 ]
 
 #: Methods whose merged rows depend on other rows (per-tensor order statistics, an SVD).
 WHOLE_TENSOR = ["breadcrumbs", "pcb", "tsv_m", "iso_c", "iso_cts", "breadcrumbs_ties", "sce",
-                "della", "della_linear"]
+                "della", "della_linear", "slerp", "nuslerp", "multislerp", "karcher",
+                "arcee_fusion"]
+
+
+def models_for(method: str) -> tuple[dict, list[dict]]:
+    """The tie-heavy models with as many experts as the method takes (3 where it takes more)."""
+    least, most = get_method(method).n_models
+    return tie_heavy_models(least if most is not None and most < 3 else 3)
 
 
 def tie_heavy_models(n_experts: int = 3) -> tuple[dict, list[dict]]:
@@ -94,7 +103,7 @@ def merged(method: str, params: dict, base: dict, experts: list[dict], *,
 @pytest.mark.parametrize("max_entries", [1, 7, 20])
 def test_row_blocks_give_the_whole_tensor_result(method: str, params: dict, max_entries: int,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    base, experts = tie_heavy_models()
+    base, experts = models_for(method)
     whole = merged(method, params, base, experts, max_entries=None, monkeypatch=monkeypatch)
     blocks = merged(method, params, base, experts, max_entries=max_entries,
                     monkeypatch=monkeypatch)
@@ -113,7 +122,7 @@ def test_compute_blocks_read_once_and_give_the_whole_tensor_result(
         method: str, params: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tensors whose inputs fit the budget but exceed COMPUTE_BLOCK_ENTRIES are merged in row
     blocks (row-local methods only) from inputs read once and held: same result, one read."""
-    base, experts = tie_heavy_models()
+    base, experts = models_for(method)
     whole = merged(method, params, base, experts, max_entries=None, monkeypatch=monkeypatch)
     monkeypatch.setattr(units, "COMPUTE_BLOCK_ENTRIES", 7)
     blocks = merged(method, params, base, experts, max_entries=None, monkeypatch=monkeypatch)
@@ -171,8 +180,8 @@ def test_a_method_that_needs_whole_tensors_is_refused(monkeypatch: pytest.Monkey
 def test_whole_tensor_methods_are_refused_rather_than_blocked(
         method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not get_method(method).row_local
-    base, experts = tie_heavy_models()
-    per = units.bytes_per_entry(3, 4, torch.float32)
+    base, experts = models_for(method)
+    per = units.bytes_per_entry(len(experts), 4, torch.float32)
     monkeypatch.setattr(memory, "memory_budget", lambda limit: per * 10)
     with pytest.raises(ConfigError, match=r"not row-local"):
         merge_state_dicts(base, experts, method)
