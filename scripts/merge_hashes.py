@@ -49,6 +49,8 @@ def load_perf() -> ModuleType:
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up here
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))  # perf.py imports its sibling mergekit_env
     spec.loader.exec_module(mod)
     return mod
 
