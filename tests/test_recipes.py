@@ -18,7 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from neuromerge.cli import build_parser
 from neuromerge.io.reader import open_checkpoint
+from tests.cli.helpers import read_folder
 from tests.helpers import lora_adapter, tiny_causal_lm
+from tests.hub_server import serve_hub
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "recipes.md").read_text()
@@ -33,8 +35,8 @@ def test_recipe_page_is_linked_and_complete() -> None:
     assert set(FILES) == {"llama-merge.yaml", "lora-merge.yaml", "load_lora.py",
                           "tasks/my_task.yaml", "tasks/my_task.jsonl", "clip-merge.yaml",
                           "split_heads.py", "vit-merge.yaml", "reattach.py", "vocab-merge.yaml",
-                          "chat_check.py"}
-    assert len(COMMANDS) == 11
+                          "chat_check.py", "mergekit-ties.yaml", "mergekit-neuromerging.yaml"}
+    assert len(COMMANDS) == 14
     for argv in COMMANDS:  # every documented command is one the CLI accepts
         build_parser().parse_args(argv)
 
@@ -86,7 +88,8 @@ def test_recipes_run_as_documented(tmp_path: Path, run_cli: Any,
         has_lm_eval = False
     ran = 0
     for argv in COMMANDS:
-        if any(a in argv for a in ("clip-merge.yaml", "vit-merge.yaml", "vocab-merge.yaml")):
+        if any(a in argv for a in ("clip-merge.yaml", "vit-merge.yaml", "vocab-merge.yaml",
+                                   "mergekit-ties.yaml", "mergekit-neuromerging.yaml")):
             continue  # the tests below
         if "cuda" in argv or (argv[0] == "eval" and not has_lm_eval):
             continue  # needs a GPU / the hub (gsm8k, cmmlu) / the eval extra
@@ -231,3 +234,52 @@ def test_vocab_recipe_runs_as_documented(tmp_path: Path, run_cli: Any,
     ids = ns["tok"].convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert ids == [v, v + 1]
     assert torch.equal(emb[v:], chat_emb[v:])  # one expert added them: that expert's rows
+
+
+#: The hub ids recipe 6 names, and the tiny stand-ins served under them.
+HUB_MODELS = {"NousResearch/Meta-Llama-3-8B": "base",
+              "NousResearch/Meta-Llama-3-8B-Instruct": "instruct",
+              "cognitivecomputations/dolphin-2.9-llama3-8b": "dolphin"}
+
+
+def test_mergekit_recipe_runs_on_hub_ids(tmp_path: Path, run_cli: Any,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recipe 6 as written: the dry run reads headers only, the TIES merge gives what the same
+    config gives on local folders (per-layer densities and weights resolved per tensor), and
+    the one edit to neuromerging runs too."""
+    monkeypatch.chdir(tmp_path)
+    models = tmp_path / "stand-ins"
+    base = tiny_causal_lm(models / "base", "llama", torch.bfloat16)
+    _expert(base, models / "instruct", seed=1)
+    _expert(base, models / "dolphin", seed=2)
+    _write_files(tmp_path)
+    dry, ties = _commands("mergekit-ties.yaml")
+    (nm,) = _commands("mergekit-neuromerging.yaml")
+    with serve_hub(monkeypatch, tmp_path) as hub:
+        for repo, folder in HUB_MODELS.items():
+            hub.add(repo, models / folder)
+        code, out, err = run_cli(*dry)
+        assert code == 0, err
+        assert hub.weight_downloads() == []  # planned and checked from the headers
+        assert "density=[1, 0.5]" in out and "density=[0.5, 0.5]" in out  # layers 0 and 1
+        for argv in (ties, nm):
+            code, _, err = run_cli(*argv, "--quiet")
+            assert code == 0, (argv, err)
+        assert hub.weight_downloads()
+    record = json.loads((tmp_path / "llama3-ties" / "neuromerge_result.json").read_text())
+    assert record["parameters"]["trim_scope"] == "tensor"
+    layer1 = next(v for k, v in record["tensor_params"].items() if ".layers.1." in k)
+    assert layer1 == {"density": [0.5, 0.5], "weight": [0.5, 0.5]}
+    nm_record = json.loads((tmp_path / "llama3-neuromerging" / "neuromerge_result.json"
+                            ).read_text())
+    assert nm_record["method"] == "neuromerging" and nm_record["parameters"]["lambda2"] > 1
+    # the same config on local folders: the same tensors
+    local = (tmp_path / "mergekit-ties.yaml").read_text()
+    for repo, folder in sorted(HUB_MODELS.items(), key=lambda kv: -len(kv[0])):
+        local = local.replace(repo, str(models / folder))  # longest id first: one is a prefix
+    (tmp_path / "local.yaml").write_text(local)
+    code, _, err = run_cli("merge", "local.yaml", "local-ties", "--quiet")
+    assert code == 0, err
+    hub_out, local_out = read_folder(tmp_path / "llama3-ties"), read_folder(tmp_path / "local-ties")
+    assert sorted(hub_out) == sorted(local_out)
+    assert all(torch.equal(hub_out[k], local_out[k]) for k in hub_out)

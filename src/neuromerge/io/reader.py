@@ -366,8 +366,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointReader:
     .bin) or a bare ``.safetensors`` / ``.bin`` / ``.pt`` file."""
     p = Path(path)
     if not p.exists():
-        raise InputError(f"{p}: no such file or folder (neuromerge reads local checkpoints; "
-                         f"download hub models first)")
+        raise InputError(f"{p}: no such file or folder")
     if p.is_file():
         if p.suffix == ".safetensors":
             return SafetensorsReader(str(p), [p])
