@@ -120,7 +120,8 @@ class MergeInputs:
     """The open readers of a config's models (headers read, no tensor yet), the base's
     architecture and, where ``vocab`` / ``tokenizer_source`` ask for one, the vocabulary
     alignment; ``aligned`` are the readers the merge reads (wrapped by the alignment).
-    ``remote``: some hub model is known from its headers only (weights not downloaded)."""
+    ``remote``: some hub model is known from its headers only (weights not downloaded).
+    ``commits``: per input (base, then experts), the commit each hub repo it names resolved to."""
 
     base_path: Path
     expert_paths: list[Path]
@@ -131,6 +132,7 @@ class MergeInputs:
     architecture: Architecture
     vocab: VocabAlignment | None
     remote: bool = False
+    commits: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def aligned(self) -> list[CheckpointReader]:
@@ -171,7 +173,7 @@ def open_inputs(cfg: MergeConfig, *, headers_only: bool = False, hub: Hub | None
                      "(their values are compared): the plan from headers merges both")
             arch = dataclasses.replace(arch, tie_word_embeddings=False)
         yield MergeInputs(base_path, expert_paths, stat_paths, base, experts, statistics, arch,
-                          vocab, models.remote)
+                          vocab, models.remote, [models.commits(r) for r in (base_ref, *refs)])
 
 
 def _prepare(cfg: MergeConfig, params: dict[str, Any], inputs: MergeInputs, *, device: str,
@@ -199,11 +201,13 @@ def _write_card_and_record(folder: Path, cfg: MergeConfig, inputs: MergeInputs,
     as_given = cfg.model_dump(exclude_defaults=False)
     roles = ["base"] + [f"expert {i + 1}" for i in range(len(inputs.experts))]
     paths = [cfg.base_model] + [e.model for e in cfg.models]
-    records = [input_record(role, path, r, fp) for role, path, r, fp in
-               zip(roles, paths, (inputs.base, *inputs.experts), prints, strict=True)]
+    records = [input_record(role, path, r, fp, commits) for role, path, r, fp, commits in
+               zip(roles, paths, (inputs.base, *inputs.experts), prints,
+                   inputs.commits or [{}] * len(paths), strict=True)]
     (folder / "README.md").write_text(model_card(
         version=__version__, method=method, config=as_given, inputs=records, result=result))
-    _write_record(folder, as_given, result, writer)
+    _write_record(folder, as_given, result, writer,
+                  {r["path"]: r["hub_commits"] for r in records if r.get("hub_commits")})
 
 
 def _vocab(cfg: MergeConfig, base_path: Path, expert_paths: list[Path],
@@ -258,7 +262,8 @@ def _as_config(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str]
 
 
 def _write_record(folder: Path, config: Mapping[str, Any], result: MergeResult,
-                  writer: ShardedSafetensorsWriter) -> None:
+                  writer: ShardedSafetensorsWriter,
+                  hub_commits: Mapping[str, Mapping[str, str]] | None = None) -> None:
     """Machine-readable twins of the card: the config with resolved parameters, and the record
     of the merge (trim pass, timings, row blocks, architecture)."""
     resolved = dict(config)
@@ -270,6 +275,7 @@ def _write_record(folder: Path, config: Mapping[str, Any], result: MergeResult,
         "method": result.method,
         "parameters": result.params,
         "models": result.model_names,
+        "hub_commits": dict(hub_commits or {}),
         "statistics": [e.get("statistics") for e in config.get("models", [])],
         "trim": None if trim is None else {
             "scope": trim.scope, "density": trim.density, "n_entries": trim.n_entries,

@@ -5,6 +5,7 @@ offline, ``org/name@revision`` and ``MODEL+LORA``."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -148,3 +149,22 @@ def test_model_plus_lora_from_the_hub(hub: FakeHub, run_cli: Cli, tmp_path: Path
     files = sorted(p.split("/resolve/")[1].split("/", 1)[1] for p in hub.weight_downloads())
     assert files == ["adapter_model.safetensors", "adapter_model.safetensors",
                      "model.safetensors"]  # org/llama once, though named twice
+
+
+def test_the_card_and_record_name_the_commit_each_hub_id_resolved_to(
+        hub: FakeHub, run_cli: Cli, tmp_path: Path) -> None:
+    base, experts = make_bert_family(tmp_path / "fam", 2)
+    shas = {"org/base": hub.add("org/base", base), "org/e1": hub.add("org/e1", experts[0]),
+            "org/e2": hub.add("org/e2", experts[1], revision="v2")}
+    cfg = config(tmp_path, "hub.yaml", "org/base", ["org/e1", str(experts[1])])
+    code, _, err = run_cli("merge", cfg, tmp_path / "out", "--quiet")
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "neuromerge_result.json").read_text())
+    assert record["hub_commits"] == {"org/base": {"org/base": shas["org/base"]},
+                                     "org/e1": {"org/e1": shas["org/e1"]}}  # local: none
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"org/e1 @ `{shas['org/e1']}`" in card
+    cfg2 = config(tmp_path, "rev.yaml", "org/base", ["org/e1", "org/e2@v2"])
+    assert run_cli("merge", cfg2, tmp_path / "out2", "--quiet")[0] == 0
+    record = json.loads((tmp_path / "out2" / "neuromerge_result.json").read_text())
+    assert record["hub_commits"]["org/e2@v2"] == {"org/e2": shas["org/e2"]}  # the tag's commit

@@ -47,7 +47,9 @@ def model_card(*, version: str, method: MethodSpec, config: Mapping[str, Any],
         "|---|---|---|---|---|",
     ]
     for inp in inputs:
-        lines.append(f"| {inp['role']} | `{inp['path']}` | {_size(inp['size'])} | "
+        commits = "".join(f"<br>{repo} @ `{sha}`" for repo, sha in
+                          (inp.get("hub_commits") or {}).items())
+        lines.append(f"| {inp['role']} | `{inp['path']}`{commits} | {_size(inp['size'])} | "
                      f"{inp['files']} | {inp.get('fingerprint') or '-'} |")
     lines += ["", "Fingerprint: sha256 over each file's size and first and last MiB "
               "(identifies a checkpoint without reading it all again).",
@@ -102,8 +104,14 @@ def model_card(*, version: str, method: MethodSpec, config: Mapping[str, Any],
     return "\n".join(lines)
 
 
-def input_record(role: str, path: str, reader: Any, fingerprint: str) -> dict[str, Any]:
+def input_record(role: str, path: str, reader: Any, fingerprint: str,
+                 hub_commits: dict[str, str] | None = None) -> dict[str, Any]:
+    """What the card says of one input; ``hub_commits``: {repo: commit} of the hub repos its
+    path names (the revision the merge read, whatever branch or tag was written)."""
     files = reader.files()
     size = sum(Path(f).stat().st_size for f in files)
-    return {"role": role, "path": path, "size": size, "files": len(files),
-            "fingerprint": fingerprint}
+    rec = {"role": role, "path": path, "size": size, "files": len(files),
+           "fingerprint": fingerprint}
+    if hub_commits:
+        rec["hub_commits"] = dict(hub_commits)
+    return rec

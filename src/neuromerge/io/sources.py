@@ -60,6 +60,11 @@ class ModelOpener:
             return self._adapter(ref.model, self.base(base))  # over the merge's base
         return self._checkpoint(ref.model)
 
+    def commits(self, ref: ModelRef) -> dict[str, str]:
+        """{repo id: the commit it resolved to} for the hub sides of ``ref`` (none when local)."""
+        return {side.repo_id: self.models[side].commit for side in (ref.model, ref.lora)
+                if isinstance(side, HubRef) and side in self.models}
+
     def _fetch(self, ref: HubRef) -> HubModel:
         model = self.hub.fetch(ref)
         self.models[ref] = model
