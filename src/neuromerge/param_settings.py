@@ -11,7 +11,7 @@ tensors outside the layers (embeddings, final norm, heads) have t = 0, as in mer
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from neuromerge.errors import ConfigError
@@ -27,6 +27,12 @@ def is_scalar(value: Any) -> bool:
 def is_uniform(setting: Any) -> bool:
     """A plain value: the same for every tensor."""
     return is_scalar(setting)
+
+
+def varying_keys(blocks: Iterable[Mapping[str, Any] | None]) -> tuple[str, ...]:
+    """The parameters some block (global, per model) gives as a gradient or filters."""
+    return tuple(dict.fromkeys(k for block in blocks for k, v in (block or {}).items()
+                               if not is_uniform(v)))
 
 
 def leaves(setting: Any) -> list[Any]:

@@ -25,7 +25,7 @@ from pydantic import (
 from neuromerge.config.mergekit import from_mergekit
 from neuromerge.errors import ConfigError, InputError
 from neuromerge.io.hub import ModelRef, parse_model_ref
-from neuromerge.param_settings import is_uniform
+from neuromerge.param_settings import varying_keys
 from neuromerge.registry import MergeMethod, get_method
 
 log = logging.getLogger("neuromerge")
@@ -133,9 +133,8 @@ class MergeConfig(BaseModel):
         method = self.method
         with self._blame():
             params = method.validate_settings(self.parameters)
-            if method.trims and "trim_scope" not in self.parameters and any(
-                    not is_uniform(block.get("density"))
-                    for block in [self.parameters, *(e.parameters for e in self.models)]):
+            if method.trims and "trim_scope" not in self.parameters and "density" in \
+                    varying_keys([self.parameters, *(e.parameters for e in self.models)]):
                 # mergekit trims each tensor on its own; a per-tensor density needs that
                 log.info("density varies per tensor (a gradient or filters): trim_scope: tensor")
                 params["trim_scope"] = "tensor"

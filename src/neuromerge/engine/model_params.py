@@ -10,7 +10,7 @@ from typing import Any
 from neuromerge.errors import ConfigError
 from neuromerge.kernels import derive_seed
 from neuromerge.method_api import MethodSpec
-from neuromerge.param_settings import is_uniform, layer_positions, resolve
+from neuromerge.param_settings import layer_positions, resolve
 
 
 def model_seeds(params: Mapping[str, Any], keys: Sequence[str],
@@ -40,12 +40,6 @@ def model_values(method: MethodSpec, params: Mapping[str, Any], n_models: int,
                    if key in pm else params[key] for i, pm in enumerate(per_model)]
         out[key] = tuple(checked)
     return out
-
-
-def varies(params: Mapping[str, Any], per_model: Sequence[Mapping[str, Any]] | None) -> bool:
-    """Whether any parameter is a gradient or filters (``neuromerge.param_settings``)."""
-    return any(not is_uniform(v) for block in [params, *(per_model or [])]
-               for v in block.values())
 
 
 def tensor_parameters(method: MethodSpec, params: Mapping[str, Any],

@@ -18,7 +18,7 @@ from neuromerge.devices import compute_dtype, resolve_device
 from neuromerge.engine.execute import MergeJob
 from neuromerge.engine.inputs import DataStatistics
 from neuromerge.engine.memory import MemoryPolicy, format_bytes
-from neuromerge.engine.model_params import model_seeds, model_values, tensor_parameters, varies
+from neuromerge.engine.model_params import model_seeds, model_values, tensor_parameters
 from neuromerge.engine.plan import Kind, MergePlan, TensorPlan, Unit, build_plan
 from neuromerge.engine.trim_pass import needs_trim_pass
 from neuromerge.engine.units import plan_units
@@ -26,7 +26,7 @@ from neuromerge.errors import ConfigError
 from neuromerge.io.dtypes import NAME_TO_TORCH
 from neuromerge.io.reader import CheckpointReader
 from neuromerge.method_api import MethodSpec
-from neuromerge.param_settings import is_uniform
+from neuromerge.param_settings import varying_keys
 
 log = logging.getLogger("neuromerge")
 
@@ -66,21 +66,21 @@ def prepare(base: CheckpointReader, experts: Sequence[CheckpointReader], method:
     if statistics is not None and len(statistics) != len(experts):
         raise ConfigError(f"{len(statistics)} statistics files for {len(experts)} models")
     # the units hold their tensor's plan: every tensor's parameters are resolved first
+    varying = varying_keys([params, *(per_model or [])])
     tensors, values = _tensor_parameters(method, params, per_model, tensors, architecture,
-                                         len(experts))
+                                         len(experts), varying)
     memory = MemoryPolicy.decide(memory_limit, trims=method.trims, n_experts=len(experts))
     units, held = plan_units(tensors, base, experts, memory.budget, cdtype,
                              row_local=method.row_local, working_set=method.working_set)
-    _check_blocks(units, held, memory, method)
-    data_stats = (None if method.needs is None or statistics is None else
-                  DataStatistics(method.needs, statistics, tensors, method.name, dev, cdtype))
     plan = MergePlan(
         method=method.name, params=dict(params), models=tuple(model_keys), model_params=values,
         model_seeds=model_seeds(params, model_keys, per_model), tensors=tuple(tensors),
         units=tuple(units), held=frozenset(held), passes=_passes(method, params, tensors, units),
         memory=memory, architecture=architecture, tied=tied, compute_dtype=cdtype, device=dev,
-        varying=tuple(dict.fromkeys(k for block in [params, *(per_model or [])]
-                                    for k, v in block.items() if not is_uniform(v))))
+        varying=varying)
+    _check_blocks(plan, method)
+    data_stats = (None if method.needs is None or statistics is None else
+                  DataStatistics(method.needs, statistics, tensors, method.name, dev, cdtype))
     return MergeJob(plan, method, base, experts, data_stats, read_ahead,
                     time.perf_counter() - t0)
 
@@ -88,16 +88,16 @@ def prepare(base: CheckpointReader, experts: Sequence[CheckpointReader], method:
 def _tensor_parameters(method: MethodSpec, params: Mapping[str, Any],
                        per_model: Sequence[Mapping[str, Any]] | None,
                        tensors: Sequence[TensorPlan], architecture: Architecture,
-                       n_models: int) -> tuple[list[TensorPlan], dict[str, tuple[Any, ...]]]:
+                       n_models: int, varying: Sequence[str]
+                       ) -> tuple[list[TensorPlan], dict[str, tuple[Any, ...]]]:
     """Every merged tensor's parameters and per-model values, and the merge-wide per-model
     values (empty where gradients or filters make them vary per tensor)."""
     merged = [p for p in tensors if p.kind != "copy"]
-    if not varies(params, per_model):
+    if not varying:
         values = model_values(method, params, n_models, per_model)
         return [replace(p, model_params=values) if p.kind != "copy" else p
                 for p in tensors], values
-    if method.trims and params.get("trim_scope") == "global" and any(
-            not is_uniform(block.get("density")) for block in [params, *(per_model or [])]):
+    if method.trims and params.get("trim_scope") == "global" and "density" in varying:
         raise ConfigError("density varies per tensor (a gradient or filters), but a global trim "
                           "takes one density per model: set trim_scope: tensor")
     per = tensor_parameters(method, params, per_model, [p.name for p in merged],
@@ -122,12 +122,8 @@ def _passes(method: MethodSpec, params: Mapping[str, Any], tensors: Sequence[Ten
     return tuple(out)
 
 
-def _check_blocks(units: Sequence[Unit], held: set[str], memory: MemoryPolicy,
-                  method: MethodSpec) -> None:
-    blocked: dict[str, int] = {}
-    for u in units:
-        if u.rows is not None and u.plan.name not in held:
-            blocked[u.plan.name] = blocked.get(u.plan.name, 0) + 1
+def _check_blocks(plan: MergePlan, method: MethodSpec) -> None:
+    blocked, memory = plan.budget_blocks(), plan.memory
     if blocked and not method.row_local:
         name = next(iter(blocked))
         raise ConfigError(f"tensor {name!r} does not fit the memory budget "

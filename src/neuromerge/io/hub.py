@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import logging
 import os
 import re
@@ -33,6 +32,7 @@ from typing import Any
 
 from neuromerge.errors import InputError
 from neuromerge.io.hub_reader import HubHeaderReader
+from neuromerge.io.reader import load_index
 
 log = logging.getLogger("neuromerge")
 
@@ -231,8 +231,8 @@ class Hub:
                 files[w] = api.parse_safetensors_file_metadata(
                     model.ref.repo_id, w, revision=model.commit)
         index = model.folder / "model.safetensors.index.json"
-        weight_map = (_read_json(index)["weight_map"]
-                      if len(model.weights) > 1 and index.is_file() else None)
+        weight_map = (load_index(index) if len(model.weights) > 1 and index.is_file()
+                      else None)
         return HubHeaderReader(str(model.ref), files, weight_map)
 
     def download(self, model: HubModel) -> Path:
@@ -271,24 +271,11 @@ def _weights(files: set[str], folder: Path, adapter: bool) -> tuple[str, ...]:
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if index in root and (folder / index).is_file():
-            wm = _read_json(folder / index).get("weight_map")
-            if not isinstance(wm, dict):
-                raise InputError(f"{folder / index}: malformed index (no 'weight_map')")
-            return tuple(dict.fromkeys(str(v) for v in wm.values()))
+            return tuple(dict.fromkeys(load_index(folder / index).values()))
         if single in root:
             return (single,)
     lone = sorted(f for f in root if f.endswith(".safetensors"))
     return tuple(lone) if len(lone) == 1 else ()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: not a JSON object")
-    return data
 
 
 @contextlib.contextmanager

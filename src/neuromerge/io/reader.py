@@ -338,7 +338,8 @@ class StateDictReader:
         pass
 
 
-def _load_index(path: Path) -> dict[str, str]:
+def load_index(path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index file, or a one-line InputError."""
     try:
         index = json.loads(path.read_text())
         weight_map = index["weight_map"]
@@ -351,7 +352,7 @@ def _load_index(path: Path) -> dict[str, str]:
 
 
 def _shards(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, str]]:
-    weight_map = _load_index(index_path)
+    weight_map = load_index(index_path)
     files = []
     for fname in dict.fromkeys(weight_map.values()):
         shard = folder / fname
