@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, settings
 
 from neuromerge.cli import main as cli_main
 from neuromerge.examples import make_bert_family
+from tests.mergekit_ref import mergekit, mergekit_installed  # noqa: F401  (fixtures)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

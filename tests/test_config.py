@@ -52,9 +52,18 @@ def test_method_parameters_are_validated(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, MINIMAL + "parameters: {density: 2}\n"))
     with pytest.raises(ConfigError, match=r"density"):
         cfg.validated_parameters()
-    cfg = load_config(write(tmp_path, MINIMAL + "parameters: {lambda2: 1}\n"))
-    with pytest.raises(ConfigError, match=r"unknown parameter 'lambda2' for method 'ties'"):
-        cfg.validated_parameters()
+
+
+
+def test_an_unknown_parameter_is_ignored_with_a_warning_as_mergekit_does(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # mergekit reads only the parameters a method declares (published configs hold typos:
+    # tests/mergekit_corpus/27 has `nomalize`); neuromerge runs them too, but says so
+    cfg = load_config(write(tmp_path, MINIMAL + "parameters: {lambda2: 1, nomalize: true}\n"))
+    assert "lambda2" not in cfg.validated_parameters()
+    assert "parameters.lambda2: not a parameter of ties: ignored, as mergekit does" in caplog.text
+    assert "parameters.nomalize: not a parameter of ties (did you mean 'normalize'?)" in \
+        caplog.text
 
 
 def test_per_model_parameters(tmp_path: Path) -> None:

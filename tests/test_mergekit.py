@@ -240,10 +240,9 @@ def test_per_model_value_is_validated(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("extra", "message"), [
     ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]}]},
-     r"slices: slices / layer_range .* not supported yet"),
+     r"give models or slices, not both"),
     ({"tokenizer": {"source": "union"}}, r"tokenizer: the tokenizer: block .* tokenizer_source"),
     ({"chat_template": "chatml"}, r"chat_template is not supported yet"),
-    ({"merge_method": "passthrough"}, r"passthrough \(stacking layer ranges\) is not supported"),
 ])
 def test_what_is_not_supported_yet_says_so_in_one_line(extra: dict, message: str) -> None:
     raw = {"merge_method": "ties", "base_model": "b", "models": ["a"], **extra}

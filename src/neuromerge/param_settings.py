@@ -121,6 +121,20 @@ def resolve(scopes: Sequence[Mapping[str, Any] | None], key: str, tensor: str, t
     return False, None
 
 
+def layer_index(name: str) -> int | None:
+    """The layer a tensor belongs to (``model.layers.3.mlp...`` → 3), None outside the layers."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def with_layer_index(name: str, index: int) -> str:
+    """``name`` with its layer number replaced (a layer moved in a slices merge)."""
+    m = _LAYER.search(name)
+    if m is None:
+        raise ValueError(f"{name!r} is not a layer's tensor")
+    return f"{name[:m.start(1)]}{index}{name[m.end(1):]}"
+
+
 def layer_positions(names: Sequence[str], n_layers: int | None = None) -> dict[str, float]:
     """Each tensor's t: its layer index i over the stack's n layers (``n_layers``, else the
     largest index seen + 1), t = i / (n − 1); 0 outside the layers."""
@@ -128,3 +142,18 @@ def layer_positions(names: Sequence[str], n_layers: int | None = None) -> dict[s
     n = n_layers or (max(index.values()) + 1 if index else 1)
     return {name: (index[name] / (n - 1) if n > 1 else 1.0) if name in index else 0.0
             for name in names}
+
+
+def fallback(first: Any, then: Any) -> Any:
+    """One setting that reads ``first`` and, for a tensor no filter of ``first`` matches,
+    ``then`` (mergekit's chain of scopes, e.g. a slice's parameters over the global ones)."""
+    if then is None:
+        return first
+    entries = [first] if isinstance(first, Mapping) else first
+    if is_scalar(first) or all(is_scalar(v) for v in entries) or any(
+            e.get("filter") in (None, "*") for e in entries):
+        return first  # a value, a gradient, or filters with a default: nothing falls through
+    rest = [then] if isinstance(then, Mapping) else then
+    if is_scalar(then) or all(is_scalar(v) for v in rest):
+        rest = [{"value": then}]
+    return [*entries, *rest]

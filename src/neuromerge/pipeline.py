@@ -18,6 +18,7 @@ from neuromerge import __version__
 from neuromerge.architectures import Architecture, read_architecture
 from neuromerge.config import MergeConfig, config_from_dict, load_config
 from neuromerge.engine import MergeJob, MergePlan, MergeResult, prepare
+from neuromerge.engine.sequence import JobSequence, PlanSequence
 from neuromerge.errors import ConfigError
 from neuromerge.io.card import input_record, model_card
 from neuromerge.io.hub import Hub
@@ -31,6 +32,7 @@ from neuromerge.io.writer import (
     parse_size,
     refuse_overlap,
 )
+from neuromerge.slicing import prepare_sliced, write_layer_count
 from neuromerge.statistics import open_statistics
 from neuromerge.vocab import VocabAlignment, align_vocabularies
 
@@ -91,6 +93,7 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
             result.extra["lora"] = _save_lora(inputs.base, tmp, rank, inputs.architecture,
                                               cfg.base_model, out)
         copy_support_files(inputs.base_path, tmp, out_dtype=cfg.out_dtype)
+        write_layer_count(tmp, cfg)
         if inputs.vocab is not None:
             inputs.vocab.write(tmp, inputs.base_path)
         _write_card_and_record(tmp, cfg, inputs, prints, job.method, result, writer)
@@ -103,7 +106,7 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
 
 def plan_merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str], *,
                overrides: Mapping[str, Any] | None = None, device: str = "cpu",
-               memory_limit: str | int | None = None) -> MergePlan:
+               memory_limit: str | int | None = None) -> MergePlan | PlanSequence:
     """The plan of a merge without merging: headers, config.json and the statistics files'
     headers only (and, where a base stores tied embeddings twice, the reads that check the
     copies are equal). What ``neuromerge merge --dry-run`` prints. Hub models are read from
@@ -177,7 +180,10 @@ def open_inputs(cfg: MergeConfig, *, headers_only: bool = False, hub: Hub | None
 
 
 def _prepare(cfg: MergeConfig, params: dict[str, Any], inputs: MergeInputs, *, device: str,
-             memory_limit: int | None, read_ahead: bool = True) -> MergeJob:
+             memory_limit: int | None, read_ahead: bool = True) -> MergeJob | JobSequence:
+    if cfg.slices:
+        return prepare_sliced(cfg, inputs.aligned, device=device, memory_limit=memory_limit,
+                              read_ahead=read_ahead, architecture=inputs.architecture)
     merge_base, *merge_experts = inputs.aligned
     return prepare(merge_base, merge_experts, cfg.method, params,
                    model_keys=[e.model for e in cfg.models],
@@ -199,6 +205,11 @@ def _write_card_and_record(folder: Path, cfg: MergeConfig, inputs: MergeInputs,
                            prints: list[str], method: Any, result: MergeResult,
                            writer: ShardedSafetensorsWriter) -> None:
     as_given = cfg.model_dump(exclude_defaults=False)
+    if as_given.get("slices") is None:
+        del as_given["slices"]
+    if cfg.slices:  # the slices as written: each group's parameters are in the record
+        as_given = {**cfg.raw, **{k: v for k, v in as_given.items()
+                                  if k not in cfg.raw and k not in ("models", "parameters")}}
     roles = ["base"] + [f"expert {i + 1}" for i in range(len(inputs.experts))]
     paths = [cfg.base_model] + [e.model for e in cfg.models]
     records = [input_record(role, path, r, fp, commits) for role, path, r, fp, commits in
@@ -267,7 +278,8 @@ def _write_record(folder: Path, config: Mapping[str, Any], result: MergeResult,
     """Machine-readable twins of the card: the config with resolved parameters, and the record
     of the merge (trim pass, timings, row blocks, architecture)."""
     resolved = dict(config)
-    resolved["parameters"] = result.params
+    if not config.get("slices"):
+        resolved["parameters"] = result.params
     (folder / "neuromerge_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     trim = result.trim
     record = {
@@ -292,6 +304,7 @@ def _write_record(folder: Path, config: Mapping[str, Any], result: MergeResult,
         "tied": result.extra.get("tied", {}),
         "tensor_params": result.extra.get("tensor_params", {}),
         "lora": result.extra.get("lora"),
+        "groups": result.extra.get("groups"),
     }
     (folder / "neuromerge_result.json").write_text(json.dumps(record, indent=2) + "\n")
 

@@ -21,6 +21,8 @@ DATA_METHODS = ["fisher", "regmean"]  # need per-model statistics: tests/test_st
 #: mergekit's spherical and two-model methods: merged through `neuromerge merge` against mergekit
 #: itself in their tests (tests/methods/test_<name>.py, tests/mergekit_ref.py)
 SPHERICAL_METHODS = ["slerp", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion"]
+#: one model at a time (frankenmerges with slices): tests/test_slices.py
+SLICE_METHODS = ["passthrough"]
 SUPPORT = ["config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
 OUTPUT_FILES = sorted(["README.md", "model.safetensors", "neuromerge_config.yaml",
                        "neuromerge_result.json", *SUPPORT])

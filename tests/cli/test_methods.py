@@ -6,14 +6,15 @@ import json
 import re
 from collections.abc import Callable
 
-from tests.cli.helpers import DATA_METHODS, METHODS, SPHERICAL_METHODS
+from tests.cli.helpers import DATA_METHODS, METHODS, SLICE_METHODS, SPHERICAL_METHODS
 
 
 def test_methods_json(run_cli: Callable[..., tuple[int, str, str]]) -> None:
     code, stdout, _ = run_cli("methods", "--format", "json")
     assert code == 0
     data = {m["name"]: m for m in json.loads(stdout)}
-    assert sorted(data) == sorted(METHODS + DATA_METHODS + SPHERICAL_METHODS)
+    assert sorted(data) == sorted(METHODS + DATA_METHODS + SPHERICAL_METHODS +
+                                 SLICE_METHODS)
     assert data["fisher"]["needs_statistics"] == "fisher"
     assert data["regmean"]["needs_statistics"] == "regmean"
     assert data["ties"]["needs_statistics"] is None

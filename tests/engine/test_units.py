@@ -51,6 +51,7 @@ CASES = [
     ("model_stock", {"filter_wise": True}),
     ("nearswap", {}),
     ("nearswap", {"t": 0.5}),
+    ("passthrough", {"scale": 0.5}),
 ]
 
 #: Methods whose merged rows depend on other rows (per-tensor order statistics, an SVD).

@@ -37,7 +37,7 @@ def model_family(draw: st.DrawFn) -> tuple[dict, list[dict]]:
 
 
 #: Models besides the base a method takes (mergekit's contracts), where not any number.
-ARITY = {"slerp": 1, "nearswap": 1, "arcee_fusion": 1, "nuslerp": 2}
+ARITY = {"slerp": 1, "nearswap": 1, "arcee_fusion": 1, "nuslerp": 2, "passthrough": 1}
 
 
 def takes(method: str, n: int) -> bool:

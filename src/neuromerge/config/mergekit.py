@@ -3,11 +3,15 @@ method's mergekit parameters mean is declared with the method (``MethodSpec.merg
 
 from __future__ import annotations
 
+import difflib
+import logging
 from typing import Any
 
 from neuromerge.errors import ConfigError
 from neuromerge.method_api import Mergekit, get_method
 from neuromerge.param_settings import check_setting
+
+log = logging.getLogger("neuromerge")
 
 
 def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
@@ -22,18 +26,18 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     weights are given; ``linear`` without ``base_model`` takes the first model as the base (only
     its shapes and support files are used); the method's ``inputs`` hook says which models it
     merges (slerp's kind: the models other than the base; karcher: the base with them)."""
-    _refuse_unsupported(data)
+    refuse_unsupported(data)
     out = dict(data)
     method = out.get("merge_method")
-    compat = _compat(method)
+    compat, names = _compat(method)
     models = out.get("models")
     entries = [dict(m) if isinstance(m, dict) else m for m in models] if isinstance(
         models, list) else models
     where = ["parameters"] + [f"models[{i}].parameters" for i in range(len(entries or []))]
     blocks = [out.get("parameters")] + [e.get("parameters") if isinstance(e, dict) else None
                                         for e in (entries or [])]
-    new_blocks = [_block(block, loc, compat) if isinstance(block, dict) else block
-                  for loc, block in zip(where, blocks, strict=True)]
+    new_blocks = [_block(block, loc, compat, names, str(method)) if isinstance(block, dict)
+                  else block for loc, block in zip(where, blocks, strict=True)]
     if isinstance(out.get("parameters"), dict):
         out["parameters"] = new_blocks[0]
     if isinstance(entries, list):
@@ -57,8 +61,6 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
 
 #: mergekit keys and methods not supported yet, with what to do instead (docs/mergekit.md).
 UNSUPPORTED = {
-    "slices": "slices / layer_range (layer-range merges and frankenmerges) are not supported "
-              "yet: list whole models under models:",
     "modules": "modules: (per-module merges) is not supported yet: list whole models under "
                "models:",
     "tokenizer": "the tokenizer: block is not supported yet: use tokenizer_source: base, union "
@@ -68,25 +70,28 @@ UNSUPPORTED = {
 }
 
 
-def _refuse_unsupported(data: dict[str, Any]) -> None:
+def refuse_unsupported(data: dict[str, Any]) -> None:
+    """One line for each mergekit key not supported (docs/mergekit.md#not-supported)."""
     for key, why in UNSUPPORTED.items():
         if key in data:
             raise ConfigError(f"{key}: {why}")
-    if data.get("merge_method") == "passthrough":
-        raise ConfigError("merge_method: passthrough (stacking layer ranges) is not supported "
-                          "yet")
 
 
-def _compat(method: Any) -> Mergekit:
-    # an unknown method is reported by the config's validation, with the list of known ones
+def _compat(method: Any) -> tuple[Mergekit, frozenset[str] | None]:
+    """The method's mergekit declaration and parameter names (None: unknown method, reported
+    by the config's validation with the list of known ones)."""
     try:
-        return get_method(method).mergekit if isinstance(method, str) else Mergekit()
+        spec = get_method(method) if isinstance(method, str) else None
     except ConfigError:
-        return Mergekit()
+        spec = None
+    if spec is None:
+        return Mergekit(), None
+    return spec.mergekit, frozenset(p.name for p in spec.params)
 
 
-def _block(block: dict[str, Any], loc: str, compat: Mergekit) -> dict[str, Any]:
-    block = dict(block)
+def _block(block: dict[str, Any], loc: str, compat: Mergekit,
+           names: frozenset[str] | None, method: str = "") -> dict[str, Any]:
+    block = {k: ignore_extra_keys(v, f"{loc}.{k}") for k, v in block.items()}
     for key, value in block.items():
         check_setting(value, f"{loc}.{key}")
     block.pop("int8_mask", None)  # mergekit's mask dtype: a memory option, no effect on values
@@ -96,4 +101,26 @@ def _block(block: dict[str, Any], loc: str, compat: Mergekit) -> dict[str, Any]:
         if "scale" in block:
             raise ConfigError(f"{loc}: give lambda or scale, not both (they are the same λ)")
         block["scale"] = block.pop("lambda")
+    for key in [k for k in block if names is not None and k not in names]:
+        # mergekit reads only the parameters a method declares: a published config with a
+        # misspelt key runs there, with the default; here too, but not silently
+        near = difflib.get_close_matches(key, sorted(names), n=1)
+        log.warning("%s.%s: not a parameter of %s%s: ignored, as mergekit does", loc, key,
+                    method, f" (did you mean {near[0]!r}?)" if near else "")
+        del block[key]
     return block
+
+
+def ignore_extra_keys(setting: Any, where: str) -> Any:
+    """A setting whose filter entries' keys other than filter / value are dropped with a
+    warning: mergekit's schema ignores them (an old example's ``pattern:`` is not a filter
+    there, so the entry matches every tensor, here too)."""
+    if isinstance(setting, dict) and "value" in setting and set(setting) - {"filter", "value"}:
+        extra = sorted(set(setting) - {"filter", "value"})
+        log.warning("%s: %s ignored, as mergekit 0.1.5 does (write filter: to match tensor "
+                    "names); this entry %s", where, ", ".join(repr(k) for k in extra),
+                    "matches every tensor" if "filter" not in setting else "keeps its filter")
+        return {k: v for k, v in setting.items() if k in ("filter", "value")}
+    if isinstance(setting, list):
+        return [ignore_extra_keys(v, f"{where}[{i}]") for i, v in enumerate(setting)]
+    return setting

@@ -20,9 +20,11 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
-from neuromerge.config.mergekit import from_mergekit
+from neuromerge.config.mergekit import from_mergekit, refuse_unsupported
+from neuromerge.config.slices import OutputSlice, SliceGroup, donor, slice_groups
 from neuromerge.errors import ConfigError, InputError
 from neuromerge.io.hub import ModelRef, parse_model_ref
 from neuromerge.param_settings import varying_keys
@@ -49,6 +51,11 @@ class ModelEntry(BaseModel):
         None, description="the model's data statistics file, for methods that need one "
                           "(fisher, regmean; written by `neuromerge statistics`)")
 
+    @field_validator("model", "statistics", mode="before")
+    @classmethod
+    def _path(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
 
 class MergeConfig(BaseModel):
     """What to merge and how. Relative paths are looked up from the current directory first,
@@ -59,7 +66,13 @@ class MergeConfig(BaseModel):
     merge_method: str = Field(description="a name from `neuromerge methods`")
     base_model: str = Field(description="the pretrained model all experts were fine-tuned from "
                                         "(a local path or a Hugging Face Hub id)")
-    models: list[ModelEntry] = Field(min_length=1, description="the fine-tuned experts")
+    models: list[ModelEntry] = Field(
+        default_factory=list, description="the fine-tuned experts (with slices: every model the "
+                                          "slices name besides base_model, for reading)")
+    slices: list[OutputSlice] | None = Field(
+        None, description="mergekit's slices: the output's layers as ranges of the inputs' "
+                          "(sources with layer_range), each slice merged on its own "
+                          "(docs/mergekit.md#slices)")
     parameters: dict[str, Any] = Field(default_factory=dict,
                                        description="the method's parameters")
     dtype: Literal["float32", "float64", "float16", "bfloat16"] = Field(
@@ -89,6 +102,11 @@ class MergeConfig(BaseModel):
                           "model:PATH (that model's tokenizer and vocabulary; PATH the base or an "
                           "expert); null: the base's tokenizer files, vocab as set")
 
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _path(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
     @field_validator("tokenizer_source")
     @classmethod
     def _tokenizer_source(cls, value: str | None) -> str | None:
@@ -113,6 +131,25 @@ class MergeConfig(BaseModel):
 
     _root: Path | None = PrivateAttr(default=None)
     _source: str | None = PrivateAttr(default=None)
+    #: with slices: the merge groups and their flat configs (config/slices.py)
+    _groups: list[tuple[SliceGroup, MergeConfig]] = PrivateAttr(default_factory=list)
+    _raw: dict[str, Any] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> MergeConfig:
+        if self.slices is None and not self.models:
+            raise ValueError("models: give the fine-tuned experts (or mergekit's slices)")
+        return self
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """A sliced config as loaded (mergekit's keys), for the written config."""
+        return dict(self._raw or {})
+
+    @property
+    def groups(self) -> list[tuple[SliceGroup, MergeConfig]]:
+        """With slices: each merge group and its flat config; empty otherwise."""
+        return self._groups
 
     @field_validator("models", mode="before")
     @classmethod
@@ -129,7 +166,11 @@ class MergeConfig(BaseModel):
 
     def validated_parameters(self) -> dict[str, Any]:
         """The method's full parameter set, defaults filled (gradients and filters kept as
-        settings, each of their values checked); raises ConfigError."""
+        settings, each of their values checked); raises ConfigError. With slices: every
+        group's are checked, the first's returned."""
+        if self._groups:
+            found = [g.validated_parameters() for _, g in self._groups]
+            return found[0]
         method = self.method
         with self._blame():
             params = method.validate_settings(self.parameters)
@@ -199,7 +240,8 @@ class MergeConfig(BaseModel):
     def with_overrides(self, overrides: dict[str, Any]) -> MergeConfig:
         """A copy whose ``parameters`` are updated with ``overrides`` (command-line -p)."""
         new = self.model_copy(update={"parameters": {**self.parameters, **overrides}})
-        new._root, new._source = self._root, self._source
+        new._root, new._source, new._raw = self._root, self._source, self._raw
+        new._groups = [(g, c.with_overrides(overrides)) for g, c in self._groups]
         return new
 
 
@@ -207,6 +249,8 @@ def config_from_dict(data: Any, *, source: str = "config", root: Path | None = N
                      ) -> MergeConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with merge_method, base_model, models")
+    if data.get("slices") is not None:
+        return _sliced_config(data, source, root)
     try:
         data = from_mergekit(data)
     except ConfigError as exc:
@@ -218,6 +262,72 @@ def config_from_dict(data: Any, *, source: str = "config", root: Path | None = N
     cfg._root = root
     cfg._source = source if source != "config" else None
     return cfg
+
+
+def _sliced_config(data: dict[str, Any], source: str, root: Path | None) -> MergeConfig:
+    """A config with mergekit's ``slices``: each merge group a flat config of its own, the
+    top-level config naming the models to open (the donor of config.json as ``base_model``)."""
+    where = f"{source}: " if source != "config" else ""
+    slices = data.get("slices")
+    if not isinstance(slices, list) or not slices:
+        raise ConfigError(f"{where}slices: a list of {{sources: [{{model, layer_range}}]}}")
+    if data.get("models"):
+        raise ConfigError(f"{where}give models or slices, not both")
+    try:
+        refuse_unsupported(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+    parsed = []
+    for i, s in enumerate(slices):
+        try:
+            parsed.append(OutputSlice.model_validate(s))
+        except ValidationError as exc:
+            raise ConfigError(_config_error(exc, source).replace(
+                f"{source}: ", f"{where}slices[{i}]: ").replace("key '", f"key 'slices[{i}].")
+            ) from None
+    try:
+        groups = slice_groups(data, parsed)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+    if len(groups) > 1 and _trims(data.get("merge_method")) and "trim_scope" not in (
+            data.get("parameters") or {}):
+        # one threshold over models that differ by layer range is not defined: trim each
+        # tensor, as mergekit does
+        log.info("slices merge different models in different layers: trim_scope: tensor")
+        for g in groups:
+            g.flat["parameters"] = {**(g.flat.get("parameters") or {}), "trim_scope": "tensor"}
+    flats = [(g, config_from_dict(g.flat, source=source, root=root)) for g in groups]
+    base = donor(data, parsed)
+    names = dict.fromkeys(m for s in parsed for m in [s.base_model, *(x.model for x in s.sources)]
+                          if m is not None and os.path.normpath(m) != os.path.normpath(base))
+    top = {k: v for k, v in data.items() if k not in ("slices", "parameters")}
+    top.update(base_model=base, models=[{"model": m} for m in names],
+               slices=slices)
+    try:
+        cfg = MergeConfig.model_validate(top)
+    except ValidationError as exc:
+        raise ConfigError(_config_error(exc, source)) from None
+    cfg._root, cfg._source, cfg._groups, cfg._raw = root, (
+        source if source != "config" else None), flats, _plain(data)
+    return cfg
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with paths as strings (the config as written back to YAML)."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _trims(method: Any) -> bool:
+    try:
+        return isinstance(method, str) and get_method(method).trims
+    except ConfigError:
+        return False  # the groups' validation names the unknown method
 
 
 def _config_error(exc: ValidationError, source: str) -> str:

@@ -44,13 +44,14 @@ def model_values(method: MethodSpec, params: Mapping[str, Any], n_models: int,
 
 def tensor_parameters(method: MethodSpec, params: Mapping[str, Any],
                       per_model: Sequence[Mapping[str, Any]] | None, names: Sequence[str],
-                      n_layers: int | None
+                      n_layers: int | None, positions: Mapping[str, float] | None = None
                       ) -> dict[str, tuple[dict[str, Any], dict[str, tuple[Any, ...]]]]:
     """{tensor: (its parameters, its per-model values)} with every gradient and filter
     resolved at the tensor's name and layer position (mergekit's precedence: a model's own
-    setting, then the global one, then the method's default)."""
+    setting, then the global one, then the method's default). ``positions`` (t per tensor)
+    replace those read from the layer numbers."""
     n = len(per_model) if per_model is not None else 0
-    positions = layer_positions(names, n_layers)
+    positions = positions if positions is not None else layer_positions(names, n_layers)
     out = {}
     for name in names:
         t = positions[name]

@@ -39,7 +39,8 @@ def prepare(base: CheckpointReader, experts: Sequence[CheckpointReader], method:
             device: str | torch.device = "cpu", memory_limit: int | None = None,
             read_ahead: bool = True, architecture: Architecture = UNKNOWN,
             neuron_axes: Mapping[str, int] | None = None,
-            statistics: Sequence[CheckpointReader] | None = None) -> MergeJob:
+            statistics: Sequence[CheckpointReader] | None = None,
+            positions: Mapping[str, float] | None = None) -> MergeJob:
     """Plan the merge of ``experts`` into ``base`` with ``method`` (``params`` validated).
 
     ``model_keys`` name the experts in logs, results and the plan's sources, and identify them
@@ -49,7 +50,8 @@ def prepare(base: CheckpointReader, experts: Sequence[CheckpointReader], method:
     beyond half the memory available now. ``architecture`` (the base's config) and
     ``neuron_axes`` (glob → axis overrides) decide each tensor's neuron axis and which tensors
     are tied copies. ``statistics``: one reader per expert of the data statistics a method
-    declared with ``needs`` reads, tensor names as in the checkpoints."""
+    declared with ``needs`` reads, tensor names as in the checkpoints. ``positions``: each
+    tensor's layer position t for gradients, where the layer numbers do not tell it (slices)."""
     t0 = time.perf_counter()
     method.check_models(len(experts))
     dev, cdtype = resolve_device(device), compute_dtype(dtype)
@@ -68,7 +70,7 @@ def prepare(base: CheckpointReader, experts: Sequence[CheckpointReader], method:
     # the units hold their tensor's plan: every tensor's parameters are resolved first
     varying = varying_keys([params, *(per_model or [])])
     tensors, values = _tensor_parameters(method, params, per_model, tensors, architecture,
-                                         len(experts), varying)
+                                         len(experts), varying, positions)
     memory = MemoryPolicy.decide(memory_limit, trims=method.trims, n_experts=len(experts))
     units, held = plan_units(tensors, base, experts, memory.budget, cdtype,
                              row_local=method.row_local, working_set=method.working_set)
@@ -88,7 +90,8 @@ def prepare(base: CheckpointReader, experts: Sequence[CheckpointReader], method:
 def _tensor_parameters(method: MethodSpec, params: Mapping[str, Any],
                        per_model: Sequence[Mapping[str, Any]] | None,
                        tensors: Sequence[TensorPlan], architecture: Architecture,
-                       n_models: int, varying: Sequence[str]
+                       n_models: int, varying: Sequence[str],
+                       positions: Mapping[str, float] | None = None
                        ) -> tuple[list[TensorPlan], dict[str, tuple[Any, ...]]]:
     """Every merged tensor's parameters and per-model values, and the merge-wide per-model
     values (empty where gradients or filters make them vary per tensor)."""
@@ -101,7 +104,7 @@ def _tensor_parameters(method: MethodSpec, params: Mapping[str, Any],
         raise ConfigError("density varies per tensor (a gradient or filters), but a global trim "
                           "takes one density per model: set trim_scope: tensor")
     per = tensor_parameters(method, params, per_model, [p.name for p in merged],
-                            architecture.num_layers)
+                            architecture.num_layers, positions)
     return [replace(p, params=per[p.name][0], model_params=per[p.name][1])
             if p.kind != "copy" else p for p in tensors], {}
 

@@ -14,6 +14,7 @@ from neuromerge.methods.multislerp import multislerp
 from neuromerge.methods.nearswap import nearswap
 from neuromerge.methods.neuromerging import dare_neuromerging, neuromerging
 from neuromerge.methods.nuslerp import nuslerp
+from neuromerge.methods.passthrough import passthrough
 from neuromerge.methods.pcb import pcb
 from neuromerge.methods.regmean import regmean
 from neuromerge.methods.sce import sce
@@ -26,4 +27,5 @@ __all__ = ["average", "breadcrumbs", "consensus_ta", "consensus_ties", "dare_lin
            "dare_neuromerging", "dare_ties", "fisher", "iso_c", "iso_cts", "linear", "neuromerging",
            "pcb", "regmean", "task_arithmetic", "ties", "tsv_m"]
 __all__ += ["breadcrumbs_ties", "della", "della_linear", "model_stock", "sce"]
-__all__ += ["arcee_fusion", "karcher", "multislerp", "nearswap", "nuslerp", "slerp"]
+__all__ += ["arcee_fusion", "karcher", "multislerp", "nearswap", "nuslerp", "passthrough",
+            "slerp"]

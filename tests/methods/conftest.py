@@ -1,3 +1,0 @@
-"""The mergekit reference fixtures (tests/mergekit_ref.py) for the method tests."""
-
-from tests.mergekit_ref import mergekit, mergekit_installed  # noqa: F401
