@@ -227,7 +227,7 @@ def test_translation_and_refusals() -> None:
         config_from_dict({**raw, "parameters": {"lambda": 1, "scale": 1}})
     with pytest.raises(ConfigError, match=r"tokenizer_source: .*must be base, union or "
                                           r"model:PATH"):
-        config_from_dict({**raw, "tokenizer_source": "merged"})
+        config_from_dict({**raw, "tokenizer_source": ""})
 
 
 def test_per_model_value_is_validated(tmp_path: Path) -> None:
@@ -241,11 +241,24 @@ def test_per_model_value_is_validated(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("extra", "message"), [
     ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]}]},
      r"give models or slices, not both"),
-    ({"tokenizer": {"source": "union"}}, r"tokenizer: the tokenizer: block .* tokenizer_source"),
-    ({"chat_template": "chatml"}, r"chat_template is not supported yet"),
+    ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": "a"}}}},
+     r"tokenizer.tokens: per-token embedding sources are not supported yet"),
+    ({"tokenizer": {"source": "union"}, "tokenizer_source": "base"},
+     r"give tokenizer_source or tokenizer, not both"),
+    ({"chat_template": "nonsense"}, r"chat_template: .*'nonsense' is neither a template name"),
 ])
-def test_what_is_not_supported_yet_says_so_in_one_line(extra: dict, message: str) -> None:
+def test_what_is_not_supported_or_wrong_says_so_in_one_line(extra: dict, message: str) -> None:
     raw = {"merge_method": "ties", "base_model": "b", "models": ["a"], **extra}
     with pytest.raises(ConfigError, match=message) as err:
         config_from_dict(raw, source="m.yaml")
     assert str(err.value).startswith("m.yaml: ") and "\n" not in str(err.value)
+
+
+def test_the_tokenizer_block_and_a_plain_tokenizer_source_are_mergekits_forms() -> None:
+    raw = {"merge_method": "linear", "base_model": "b", "models": ["a"]}
+    assert config_from_dict({**raw, "tokenizer": {"source": "base"}}).vocab_mode == "base"
+    union = config_from_dict({**raw, "tokenizer": {}})  # mergekit's default source: union
+    assert union.tokenizer_source == "union" and union.vocab_mode == "union"
+    plain = config_from_dict({**raw, "tokenizer_source": "org/tok"})  # mergekit writes the id
+    assert plain.tokenizer_source == "model:org/tok" and plain.vocab_mode == "model"
+    assert config_from_dict({**raw, "tokenizer": {"source": "a"}}).tokenizer_source == "model:a"

@@ -21,6 +21,7 @@ from neuromerge.engine import MergeJob, MergePlan, MergeResult, prepare
 from neuromerge.engine.sequence import JobSequence, PlanSequence
 from neuromerge.errors import ConfigError
 from neuromerge.io.card import input_record, model_card
+from neuromerge.io.chat_templates import resolve_chat_template, write_chat_template
 from neuromerge.io.hub import Hub
 from neuromerge.io.lora import write_lora
 from neuromerge.io.model_folder import copy_support_files
@@ -96,6 +97,8 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
         write_layer_count(tmp, cfg)
         if inputs.vocab is not None:
             inputs.vocab.write(tmp, inputs.base_path)
+        if cfg.chat_template is not None:
+            result.extra["chat_template"] = _chat_template(tmp, cfg.chat_template, inputs)
         _write_card_and_record(tmp, cfg, inputs, prints, job.method, result, writer)
     result.output = out
     log.info("wrote %s (%d shard%s, %.2f GB) in %.1f s", out, len(writer.filenames),
@@ -236,6 +239,17 @@ def _vocab(cfg: MergeConfig, base_path: Path, expert_paths: list[Path],
     return alignment
 
 
+def _chat_template(folder: Path, value: str, inputs: MergeInputs) -> str | None:
+    template = resolve_chat_template(value, [inputs.base_path, *inputs.expert_paths])
+    if template is None:
+        log.warning("chat_template: auto: no input model has a chat template; the tokenizer's "
+                    "is kept")
+        return None
+    write_chat_template(folder, template)
+    log.info("chat_template: %s", value if value != template else "as given")
+    return value
+
+
 def _tie_candidates(base: CheckpointReader, arch: Architecture) -> bool:
     """Whether the tied-copy check would compare tensor values (two vocabulary-sized tensors
     of one shape): not possible from headers."""
@@ -305,6 +319,7 @@ def _write_record(folder: Path, config: Mapping[str, Any], result: MergeResult,
         "tensor_params": result.extra.get("tensor_params", {}),
         "lora": result.extra.get("lora"),
         "groups": result.extra.get("groups"),
+        "chat_template": result.extra.get("chat_template"),
     }
     (folder / "neuromerge_result.json").write_text(json.dumps(record, indent=2) + "\n")
 

@@ -27,7 +27,7 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     its shapes and support files are used); the method's ``inputs`` hook says which models it
     merges (slerp's kind: the models other than the base; karcher: the base with them)."""
     refuse_unsupported(data)
-    out = dict(data)
+    out = tokenizer_keys(dict(data))
     method = out.get("merge_method")
     compat, names = _compat(method)
     models = out.get("models")
@@ -63,10 +63,41 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
 UNSUPPORTED = {
     "modules": "modules: (per-module merges) is not supported yet: list whole models under "
                "models:",
-    "tokenizer": "the tokenizer: block is not supported yet: use tokenizer_source: base, union "
-                 "or model:ID",
-    "chat_template": "chat_template is not supported yet: the chat template of the tokenizer's "
-                     "source is kept; remove the key",
+}
+
+
+def tokenizer_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """mergekit's ``tokenizer: {source: ...}`` block as ``tokenizer_source`` (its default
+    source is ``union``), and a model given as ``tokenizer_source: ID`` (mergekit's form) as
+    ``model:ID``."""
+    if "tokenizer" in data:
+        block = data.pop("tokenizer")
+        if not isinstance(block, dict):
+            raise ConfigError("tokenizer: a mapping {source: base | union | MODEL, ...}")
+        if "tokenizer_source" in data:
+            raise ConfigError("give tokenizer_source or tokenizer, not both (as mergekit)")
+        extra = sorted(set(block) - {"source", "tokens", "pad_to_multiple_of"})
+        if extra:
+            raise ConfigError(f"tokenizer: unknown key {extra[0]!r} (source, tokens, "
+                              f"pad_to_multiple_of)")
+        for key, why in TOKENIZER_UNSUPPORTED.items():
+            if block.get(key):
+                raise ConfigError(f"tokenizer.{key}: {why}")
+        data["tokenizer_source"] = block.get("source", "union")
+    source = data.get("tokenizer_source")
+    if isinstance(source, str) and source not in ("base", "union") and \
+            not source.startswith("model:"):
+        data["tokenizer_source"] = f"model:{source}"
+    return data
+
+
+#: parts of mergekit's tokenizer: block not supported yet (docs/mergekit.md#not-supported-yet)
+TOKENIZER_UNSUPPORTED = {
+    "tokens": "per-token embedding sources are not supported yet: a token one model lacks "
+              "takes the row of the models that have it (docs/mergekit.md#vocabularies-that-"
+              "differ); remove the key",
+    "pad_to_multiple_of": "padding the vocabulary is not supported yet: remove the key (the "
+                          "output has the union's rows)",
 }
 
 

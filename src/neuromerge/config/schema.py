@@ -23,9 +23,10 @@ from pydantic import (
     model_validator,
 )
 
-from neuromerge.config.mergekit import from_mergekit, refuse_unsupported
+from neuromerge.config.mergekit import from_mergekit, refuse_unsupported, tokenizer_keys
 from neuromerge.config.slices import OutputSlice, SliceGroup, donor, slice_groups
 from neuromerge.errors import ConfigError, InputError
+from neuromerge.io.chat_templates import check_chat_template
 from neuromerge.io.hub import ModelRef, parse_model_ref
 from neuromerge.param_settings import varying_keys
 from neuromerge.registry import MergeMethod, get_method
@@ -102,10 +103,25 @@ class MergeConfig(BaseModel):
                           "model:PATH (that model's tokenizer and vocabulary; PATH the base or an "
                           "expert); null: the base's tokenizer files, vocab as set")
 
+    chat_template: str | None = Field(
+        None, description="mergekit's key: the output tokenizer's chat template, by name "
+                          "(chatml, llama3, mistral, alpaca, exaone), auto (the one most inputs "
+                          "have), or a Jinja template; null: the tokenizer source's")
+
     @field_validator("base_model", mode="before")
     @classmethod
     def _path(cls, value: Any) -> Any:
         return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return check_chat_template(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("chat_template: ")) from None
 
     @field_validator("tokenizer_source")
     @classmethod
@@ -304,7 +320,9 @@ def _sliced_config(data: dict[str, Any], source: str, root: Path | None) -> Merg
     top.update(base_model=base, models=[{"model": m} for m in names],
                slices=slices)
     try:
-        cfg = MergeConfig.model_validate(top)
+        cfg = MergeConfig.model_validate(tokenizer_keys(top))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
     except ValidationError as exc:
         raise ConfigError(_config_error(exc, source)) from None
     cfg._root, cfg._source, cfg._groups, cfg._raw = root, (
