@@ -27,7 +27,7 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     its shapes and support files are used); the method's ``inputs`` hook says which models it
     merges (slerp's kind: the models other than the base; karcher: the base with them)."""
     refuse_unsupported(data)
-    out = tokenizer_keys(dict(data))
+    out = half_dtype_output(tokenizer_keys(dict(data)))
     method = out.get("merge_method")
     compat, names = _compat(method)
     models = out.get("models")
@@ -64,6 +64,15 @@ UNSUPPORTED = {
     "modules": "modules: (per-module merges) is not supported yet: list whole models under "
                "models:",
 }
+
+
+def half_dtype_output(data: dict[str, Any]) -> dict[str, Any]:
+    """``dtype: bfloat16`` / ``float16`` without ``out_dtype`` writes that dtype, as mergekit
+    (which computes in it too; neuromerge computes half precision in float32). A float32 or
+    float64 ``dtype`` stays the compute dtype only: the output keeps the base's dtype."""
+    if data.get("dtype") in ("float16", "bfloat16") and data.get("out_dtype") is None:
+        data["out_dtype"] = data["dtype"]
+    return data
 
 
 def tokenizer_keys(data: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,12 @@ from pydantic import (
     model_validator,
 )
 
-from neuromerge.config.mergekit import from_mergekit, refuse_unsupported, tokenizer_keys
+from neuromerge.config.mergekit import (
+    from_mergekit,
+    half_dtype_output,
+    refuse_unsupported,
+    tokenizer_keys,
+)
 from neuromerge.config.slices import OutputSlice, SliceGroup, donor, slice_groups
 from neuromerge.errors import ConfigError, InputError
 from neuromerge.io.chat_templates import check_chat_template
@@ -320,7 +325,7 @@ def _sliced_config(data: dict[str, Any], source: str, root: Path | None) -> Merg
     top.update(base_model=base, models=[{"model": m} for m in names],
                slices=slices)
     try:
-        cfg = MergeConfig.model_validate(tokenizer_keys(top))
+        cfg = MergeConfig.model_validate(half_dtype_output(tokenizer_keys(top)))
     except ConfigError as exc:
         raise ConfigError(f"{where}{exc}") from None
     except ValidationError as exc:

@@ -10,7 +10,8 @@ from pydantic import Field
 
 from neuromerge.errors import ConfigError
 from neuromerge.kernels import task_vectors
-from neuromerge.registry import TensorContext, merge_method
+from neuromerge.methods.mergekit_inputs import drop_listed_base
+from neuromerge.registry import Mergekit, TensorContext, merge_method
 
 
 def interpolation_ratio(cos: torch.Tensor, n: int) -> torch.Tensor:
@@ -44,7 +45,7 @@ def _pair_cosines(tv: torch.Tensor, ctx: TensorContext, rows: bool) -> torch.Ten
 
 
 @merge_method(name="model_stock", reference_url="https://arxiv.org/abs/2403.19522",
-              n_models=(2, None))
+              n_models=(2, None), mergekit=Mergekit(inputs=drop_listed_base))
 def model_stock(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     filter_wise: Annotated[bool, Field(
