@@ -379,6 +379,8 @@ class Run:
     method: str    # merge_method in the config
     parameters: tuple[tuple[str, Any], ...] = ()
     model_parameters: tuple[tuple[str, Any], ...] = ()
+    experts: int | None = None     # merge only the first N experts (slerp: 1)
+    base_in_models: bool = False   # list the base under models too (mergekit's slerp habit)
 
     @property
     def id(self) -> str:
@@ -398,14 +400,22 @@ RUNS = [
     Run("neuromerge", "ties-global", "ties",
         (("density", 0.2), ("trim_scope", "global"), ("scale", 1.0))),
     Run("neuromerge", "neuromerging", "neuromerging", (("density", 0.2),)),
+    # mergekit's own methods, both tools from the same YAML (issue 15)
+    *[Run(tool, "slerp", "slerp", (("t", 0.5),), experts=1, base_in_models=True)
+      for tool in ("mergekit", "neuromerge")],
+    *[Run(tool, "model_stock", "model_stock") for tool in ("mergekit", "neuromerge")],
+    *[Run(tool, "della", "della", (("lambda", 1.0), ("epsilon", 0.1)),
+          (("weight", 1.0), ("density", 0.5))) for tool in ("mergekit", "neuromerge")],
 ]
+#: the labels measured by both tools with the same config: compared with each other
+SAME_CONFIG = ("slerp", "model_stock", "della")
 
 
 def config_yaml(run: Run, base: Path, experts: list[Path]) -> str:
     import yaml
 
-    models = []
-    for e in experts:
+    models = [{"model": str(base)}] if run.base_in_models else []
+    for e in experts[:run.experts]:
         entry: dict[str, Any] = {"model": str(e)}
         if run.model_parameters:
             entry["parameters"] = dict(run.model_parameters)
@@ -413,6 +423,8 @@ def config_yaml(run: Run, base: Path, experts: list[Path]) -> str:
     cfg: dict[str, Any] = {"merge_method": run.method, "base_model": str(base), "models": models,
                            "parameters": dict(run.parameters), "dtype": "float32"}
     if run.tool == "mergekit":
+        cfg["out_dtype"] = "bfloat16"
+    if run.label in SAME_CONFIG:   # one YAML for both tools: mergekit's, as users have it
         cfg["out_dtype"] = "bfloat16"
     return yaml.safe_dump(cfg, sort_keys=False)
 
@@ -725,20 +737,23 @@ def _ratio(a: float, b: float | None) -> str:
 
 def table(points: list[dict[str, Any]]) -> str:
     lines = ["| size | params | experts | input GB | tool | method | wall s | peak RSS GB | "
-             "peak anon GB | input GB/s | time ÷ mk ties | RSS ÷ mk ties | ÷ mk TA (time / RSS) | "
+             "peak anon GB | input GB/s | time ÷ mk ties | RSS ÷ mk ties | "
+             "÷ mk same method (time / RSS) | "
              "measured (UTC) |",
              "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for p in points:
         runs = p["runs"]
-        mk_ties, mk_ta = runs.get("mergekit:ties"), runs.get("mergekit:task_arithmetic")
+        mk_ties = runs.get("mergekit:ties")
         for run in RUNS:
             a = runs.get(run.id)
             if a is None:
                 continue
-            vs_ta = "–"
-            if run.method == "task_arithmetic" and mk_ta:
-                vs_ta = (f"{_ratio(a['wall_s'], mk_ta['wall_s'])} / "
-                         f"{_ratio(a['peak_rss_bytes'], mk_ta['peak_rss_bytes'])}")
+            vs_same = "–"
+            peer = runs.get(f"mergekit:{run.label}")
+            if run.tool == "neuromerge" and peer and (
+                    run.label in SAME_CONFIG or run.method == "task_arithmetic"):
+                vs_same = (f"{_ratio(a['wall_s'], peer['wall_s'])} / "
+                           f"{_ratio(a['peak_rss_bytes'], peer['peak_rss_bytes'])}")
             lines.append(
                 f"| {p['size']} | {p['params'] / 1e6:.0f}M | {p['experts']} | "
                 f"{p['input_bytes'] / GB:.2f} | {run.tool} | {run.label} | {a['wall_s']:.2f} | "
@@ -746,7 +761,7 @@ def table(points: list[dict[str, Any]]) -> str:
                 f"{p['input_bytes'] / GB / a['wall_s']:.3f} | "
                 f"{_ratio(a['wall_s'], mk_ties and mk_ties['wall_s'])} | "
                 f"{_ratio(a['peak_rss_bytes'], mk_ties and mk_ties['peak_rss_bytes'])} | "
-                f"{vs_ta} | {_when(a.get('times', []))} |")
+                f"{vs_same} | {_when(a.get('times', []))} |")
     return "\n".join(lines)
 
 
@@ -842,7 +857,10 @@ def write_report(ctx: Ctx, info: dict[str, Any], points: dict[tuple[str, int], d
         "docstring of `benchmarks/perf.py`). Merges: `dtype: float32`, bf16 output; "
         "task_arithmetic λ = 0.3 (mergekit: weight 0.3, normalize false); ties density 0.2, "
         "λ = 1 (mergekit: weight 1, density 0.2, normalize true: the disjoint mean, trimmed per "
-        "tensor, like our `trim_scope: tensor`); neuromerging density 0.2, defaults. "
+        "tensor, like our `trim_scope: tensor`); neuromerging density 0.2, defaults; slerp, "
+        "model_stock and della: one mergekit YAML given to both tools (slerp t = 0.5 between "
+        "the base and the first expert; model_stock over the experts; della density 0.5, "
+        "epsilon 0.1, λ = 1, out_dtype bfloat16). "
         "Wall time includes start-up (mergekit imports transformers). Peak RSS: the whole process "
         "tree, polled every 20 ms, including the input pages a process maps; anon = resident − "
         "shared (allocated memory). Input GB/s: bytes of all input safetensors ÷ wall time, the "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from neuromerge.config import config_from_dict, load_config
+from neuromerge.config import MergeConfig, config_from_dict, load_config
 from neuromerge.errors import ConfigError, InputError
 
 MINIMAL = "merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n  - b\n"
@@ -22,8 +22,18 @@ def test_minimal_config_and_shorthand_models(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, MINIMAL))
     assert cfg.merge_method == "ties" and [m.model for m in cfg.models] == ["a", "b"]
     assert cfg.dtype == "float32" and cfg.out_dtype is None and cfg.max_shard_size == "5GB"
-    assert cfg.validated_parameters() == {"density": 0.2, "trim_scope": "global",
-                                          "scale": 1.0, "weight": 1.0, "normalize": True}
+    # a YAML is mergekit's format: unset TIES settings are mergekit's, and the config says so
+    assert cfg.validated_parameters() == {"density": 1.0, "trim_scope": "tensor",
+                                          "trim_count": "floor", "scale": 1.0, "weight": 1.0,
+                                          "normalize": True}
+    assert sorted(cfg.mergekit_defaults) == ["density", "trim_count", "trim_scope"]
+    # the same config built in Python (not a mergekit YAML) keeps the TIES paper's defaults
+    api = MergeConfig.model_validate({"merge_method": "ties", "base_model": "base",
+                                      "models": [{"model": "a"}, {"model": "b"}]})
+    assert api.validated_parameters() == {"density": 0.2, "trim_scope": "global",
+                                          "trim_count": "ceil", "scale": 1.0, "weight": 1.0,
+                                          "normalize": True}
+    assert api.mergekit_defaults == ()
 
 
 @pytest.mark.parametrize(("text", "pattern"), [
@@ -69,7 +79,8 @@ def test_an_unknown_parameter_is_ignored_with_a_warning_as_mergekit_does(
 def test_per_model_parameters(tmp_path: Path) -> None:
     text = ("merge_method: dare_ties\nbase_model: b\n"
             "models:\n  - {model: a, parameters: {seed: 3}}\n")
-    assert load_config(write(tmp_path, text)).validated_parameters()["drop_rate"] == 0.5
+    # mergekit's density 1 when unset: nothing dropped
+    assert load_config(write(tmp_path, text)).validated_parameters()["drop_rate"] == 0.0
     bad = text.replace("seed: 3", "rescale: false")
     with pytest.raises(ConfigError,
                        match=r"models\[0\].parameters: .*per-model parameter 'rescale'"):
@@ -82,8 +93,13 @@ def test_per_model_parameters(tmp_path: Path) -> None:
 def test_overrides_update_parameters(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, MINIMAL + "parameters: {density: 0.3}\n"))
     new = cfg.with_overrides({"scale": 0.5})
-    assert new.parameters == {"density": 0.3, "scale": 0.5}
-    assert cfg.parameters == {"density": 0.3}
+    filled = {"trim_scope": "tensor", "trim_count": "floor"}  # mergekit's, the YAML left unset
+    assert new.parameters == {"density": 0.3, **filled, "scale": 0.5}
+    assert cfg.parameters == {"density": 0.3, **filled}
+    # an override of a filled parameter is the user's value, no longer mergekit's default
+    paper = cfg.with_overrides({"trim_scope": "global"})
+    assert paper.parameters["trim_scope"] == "global"
+    assert paper.mergekit_defaults == ("trim_count",)
 
 
 def test_relative_paths_cwd_then_config_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -184,9 +184,10 @@ def test_neuromerging_is_one_edit_away(tmp_path: Path, models: Any) -> None:
         run_yaml(tmp_path, cfg, "nm_lambda")
 
 
-def test_global_trim_is_our_default(tmp_path: Path, models: Any) -> None:
-    """With more than one tensor our default (trim_scope: global) differs from mergekit's
-    per-tensor trim; trim_scope: tensor gives mergekit's result."""
+def test_global_trim_differs_and_a_yaml_without_scope_is_mergekits(tmp_path: Path,
+                                                                     models: Any) -> None:
+    """With more than one tensor the paper's trim_scope: global differs from mergekit's
+    per-tensor trim; a YAML that leaves trim_scope unset gives mergekit's result."""
     base, experts, a = models
     g = torch.Generator().manual_seed(1)
     extra = {n: torch.randn(4, 10, generator=g, dtype=torch.float64) * (3.0 if n != "base"
@@ -197,10 +198,9 @@ def test_global_trim_is_our_default(tmp_path: Path, models: Any) -> None:
     want = mk_gta(a["base"], [a["m0"], a["m1"]], WEIGHTS, sparsify="magnitude", consensus=True,
                   normalize=True, densities=DENSITIES)
     cfg = mergekit_yaml("ties", base, experts, PER_MODEL)
+    np.testing.assert_allclose(run_yaml(tmp_path, cfg, "unset"), want, rtol=1e-12, atol=1e-12)
+    cfg["parameters"] = {"trim_scope": "global", "trim_count": "floor"}
     assert np.abs(run_yaml(tmp_path, cfg, "global") - want).max() > 1e-3
-    cfg["parameters"] = {"trim_scope": "tensor"}
-    np.testing.assert_allclose(run_yaml(tmp_path, cfg, "tensor"), want, rtol=1e-12,
-                               atol=1e-12)
 
 
 def test_translation_and_refusals() -> None:
@@ -208,7 +208,8 @@ def test_translation_and_refusals() -> None:
            "models": [{"model": "a", "parameters": {"weight": 0.5, "density": 0.7}}],
            "parameters": {"density": 0.4, "lambda": 0.9, "int8_mask": True}}
     cfg = config_from_dict(raw)
-    assert cfg.parameters == {"drop_rate": pytest.approx(0.6), "scale": 0.9}
+    # normalize: mergekit's dare_ties default (false), filled as the YAML leaves it unset
+    assert cfg.parameters == {"drop_rate": pytest.approx(0.6), "scale": 0.9, "normalize": False}
     assert cfg.models[0].parameters == {"weight": 0.5, "drop_rate": pytest.approx(0.3)}
     assert raw["parameters"]["density"] == 0.4 and "lambda" in raw["parameters"]  # untouched
     # gradients and filters are kept (resolved per tensor), DARE's keep rate mapped pointwise
@@ -216,7 +217,7 @@ def test_translation_and_refusals() -> None:
         {"model": "a", "parameters": {"weight": [0, 1], "density": [1, 0.5]}}]})
     assert grad.models[0].parameters == {"weight": [0, 1], "drop_rate": [0.0, 0.5]}
     filt = config_from_dict({**raw, "parameters": {"density": {"filter": "mlp", "value": 0.5}}})
-    assert filt.parameters == {"drop_rate": {"filter": "mlp", "value": 0.5}}
+    assert filt.parameters == {"drop_rate": {"filter": "mlp", "value": 0.5}, "normalize": False}
     with pytest.raises(ConfigError, match=r"models\[0\]\.parameters\.weight\[0\]: a list is "
                                           r"either a gradient"):
         config_from_dict({**raw, "models": [{"model": "a", "parameters": {

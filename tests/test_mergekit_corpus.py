@@ -6,14 +6,17 @@ models (mergekit in its own venv, all configs in one process: tests/mergekit_bat
 
 - Deterministic methods: the same tensor names, shapes and dtypes, and values equal within
   the output dtype's rounding (mergekit computes half precision in it, neuromerge in float32:
-  a few units in the last place of bfloat16 / float16).
+  a few units in the last place of bfloat16 / float16). Where a trim ranks magnitudes (TIES,
+  breadcrumbs) in half precision, at most 1 % of the entries may differ: those at the trim
+  threshold, which mergekit ranks by the deltas rounded to half precision.
 - Random methods (DARE, DELLA): the same names, shapes and dtypes; the fraction of entries that
   differ from the base's equal within sampling error (the same keep rate in distribution) and
   the merged update's norm within 10 %.
 - The written config.json has the layer count mergekit writes (slices), and a chat_template
   the output tokenizer holds.
 
-The whole corpus costs about a minute (mergekit imported once, then ~1 s per config).
+The whole corpus costs about two minutes on 2 cores (mergekit imported once, ~1 s per config
+for each tool).
 """
 
 from __future__ import annotations
@@ -33,22 +36,15 @@ from tests.hub_server import FakeHub
 from tests.mergekit_ref import read_folder
 
 CONFIGS = standins.corpus()
-_TIES = ("TIES trim: neuromerge's default is one threshold per task over the model (the TIES "
-         "paper's), mergekit's per tensor with k = max(1, int(density * n)); "
-         "trim_scope: tensor still keeps ceil(density * n) (docs/mergekit.md#semantics-that-"
-         "differ)")
-_DARE = ("dare_ties defaults: mergekit's normalize false and density 1, neuromerge's "
-         "normalize true and drop_rate 0.9 (docs/mergekit.md#semantics-that-differ)")
-_CRUMBS = ("breadcrumbs keep count: mergekit floor(density * n), neuromerge ceil "
-           "(docs/mergekit.md#breadcrumbs-and-breadcrumbs_ties)")
-#: configs that run unchanged but do not give mergekit's tensors yet, and why (strict: a fix
-#: makes the test fail until the entry is removed)
-DIFFERS = {"03-mergekit-ties-gradients": _TIES, "04-mergekit-bio-merge-ties": _TIES,
-           "07-mergekit-vlm-ties": _TIES, "09-neuralpipe-7b-ties": _TIES,
-           "26-absa-pt-gl-ties-mixed": _TIES, "27-krx-qwen25-ties-local": _TIES,
-           "19-eggs-and-bread-rp-pt2-breadcrumbs-ties": _CRUMBS,
-           "36-med-law-dolphin-beagle-breadcrumbs": _CRUMBS,
-           "20-absa-dare-ties-local": _DARE, "21-backdoor-gpt2-dare-ties-local": _DARE}
+#: methods whose trim ranks task-vector magnitudes: mergekit ranks the deltas rounded to the
+#: config's half dtype, neuromerge the exact float32 ones, so entries at the trim threshold can
+#: fall on either side (the same rules match mergekit exactly in float32:
+#: tests/methods/test_mergekit_parity_gta.py)
+RANKED = {"ties", "breadcrumbs", "breadcrumbs_ties"}
+#: the share of entries such rank flips may change (0.23 % at most when measured: 106 of 45880
+#: entries, config 36), and the mean change they may make
+FLIPS, FLIP_MEAN = 0.005, 5e-3
+
 RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
 #: the unit in the last place at 1 of each output dtype
 EPS = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -23}
@@ -105,26 +101,13 @@ def corpus_runs(mergekit_installed: Path, tmp_path_factory: pytest.TempPathFacto
         yield runs
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason=DIFFERS[n], strict=True)) if n in DIFFERS
-    else n for n, _ in CONFIGS])
+@pytest.mark.parametrize("name", [n for n, _ in CONFIGS])
 def test_config_runs_unchanged_and_gives_mergekits_tensors(
         name: str, corpus_runs: dict[str, dict[str, Any]]) -> None:
     run = corpus_runs[name]
     assert run["mergekit"] == "ok", f"mergekit failed on {name}: {run['mergekit']}"
     assert run["neuromerge"] == "ok", f"neuromerge failed on {name} (its stderr is above)"
     check_same_output(name, run)
-
-
-def test_every_config_runs_with_both_tools(corpus_runs: dict[str, dict[str, Any]]) -> None:
-    """Even those whose tensors differ (DIFFERS) run unchanged, with the same names, shapes and
-    dtypes."""
-    for name, run in corpus_runs.items():
-        assert (run["mergekit"], run["neuromerge"]) == ("ok", "ok"), (name, run)
-        ours = read_folder(run["out"]["neuromerge"])
-        theirs = read_folder(run["out"]["mergekit"])
-        assert {n: (t.shape, t.dtype) for n, t in ours.items()} == {
-            n: (t.shape, _expected_dtype(dict(CONFIGS)[name], t)) for n, t in theirs.items()}, name
 
 
 def _expected_dtype(data: dict[str, Any], theirs: torch.Tensor) -> torch.dtype:
@@ -144,22 +127,31 @@ def check_same_output(name: str, run: dict[str, Any]) -> None:
     if data["merge_method"] in RANDOM:
         _same_keep_rate(ours, theirs, data)
     else:
-        _same_values(ours, theirs)
+        ranked = data["merge_method"] in RANKED and data.get("dtype") in ("float16", "bfloat16")
+        _same_values(ours, theirs, flips=FLIPS if ranked else 0.0)
     _same_config(run["out"], data)
 
 
-def _same_values(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
-    bad = []
+def _same_values(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], *,
+                 flips: float = 0.0) -> None:
+    """Every entry within rounding, but for at most a share ``flips`` of them (and then a mean
+    change of at most FLIP_MEAN of the mean |value|)."""
+    bad, off, total, diff_sum, value_sum = [], 0, 0, 0.0, 0.0
     for n, b in sorted(theirs.items()):
         a, b64 = ours[n].double(), b.double()
         eps = max(EPS[ours[n].dtype], EPS[b.dtype])
         # each side rounds to its dtype; mergekit's half-precision arithmetic rounds more often
         tol = 4 * eps * b64.abs() + eps * b64.abs().max()
         diff = (a - b64).abs()
-        if bool((diff > tol).any()) or diff.mean() > eps * b64.abs().mean():
+        wrong = int((diff > tol).sum())
+        off, total = off + wrong, total + b.numel()
+        diff_sum, value_sum = diff_sum + float(diff.sum()), value_sum + float(b64.abs().sum())
+        if not flips and (wrong or diff.mean() > eps * b64.abs().mean()):
             bad.append(f"{n}: max |diff| {diff.max().item():.3g} (|value| up to "
                        f"{b64.abs().max().item():.3g})")
     assert not bad, "tensors differ from mergekit's:\n" + "\n".join(bad[:10])
+    assert off <= flips * total, f"{off} of {total} entries differ from mergekit's"
+    assert diff_sum <= FLIP_MEAN * value_sum + (0 if flips else float("inf"))
 
 
 def _same_keep_rate(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor],

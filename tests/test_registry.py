@@ -45,7 +45,8 @@ def test_parameters_come_from_the_signature() -> None:
 def test_validate_fills_defaults_and_checks_values() -> None:
     ties = get_method("ties")
     assert ties.validate({"density": 0.5}) == {"density": 0.5, "trim_scope": "global",
-                                               "scale": 1.0, "weight": 1.0, "normalize": True}
+                                               "trim_count": "ceil", "scale": 1.0,
+                                               "weight": 1.0, "normalize": True}
     with pytest.raises(ConfigError, match=r"unknown parameter 'desnity' for method 'ties'"):
         ties.validate({"desnity": 0.5})
     with pytest.raises(ConfigError, match=r"parameters.density: .*less than or equal to 1"):

@@ -153,7 +153,8 @@ def test_the_written_config_runs_again_to_the_same_output(models: dict[str, Path
 def test_a_global_pass_over_different_slices_is_refused(models: dict[str, Path],
                                                         tmp_path: Path) -> None:
     a, b, c = models["a"], models["b"], models["c"]
-    cfg = {"merge_method": "ties", "base_model": a, "parameters": {"trim_scope": "global"},
+    cfg = {"merge_method": "ties", "base_model": a,
+           "parameters": {"trim_scope": "global", "density": 0.5},
            "slices": [{"sources": [{"model": b, "layer_range": [0, 2]}]},
                       {"sources": [{"model": c, "layer_range": [2, 4]}]}]}
     with pytest.raises(ConfigError, match=r"slices: ties needs a pass over the whole model .* "

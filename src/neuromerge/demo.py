@@ -56,13 +56,23 @@ def run_demo(out_dir: str | Path = "neuromerge-demo", *, quiet: bool = False) ->
     print(f"neuromerge demo: wrote a tiny random BERT and 3 experts under {out / 'models'}")
     base, experts = _state(base_dir), [_state(e) for e in expert_dirs]
     rows = []
+    skipped: list[str] = []
     level = log.level
     if quiet:
         log.setLevel(logging.WARNING)
     try:
         for method in all_methods():
+            if method.needs:  # fisher, regmean: per-model data statistics, not in a demo
+                skipped.append(method.name)
+                continue
+            # methods of a fixed number of models (slerp, nuslerp, passthrough, ...): the
+            # fewest they take, from the first experts (a listed base would count as one)
+            least, most = method.n_models
+            used = expert_dirs if most is None else expert_dirs[:least]
             cfg = {"merge_method": method.name, "base_model": str(base_dir.resolve()),
-                   "models": [{"model": str(e.resolve())} for e in expert_dirs]}
+                   "models": [{"model": str(e.resolve())} for e in used]}
+            if method.yaml_defaults:  # the method's own defaults, not mergekit's
+                cfg["parameters"] = method.yaml_defaults
             cfg_path = out / "configs" / f"{method.name}.yaml"
             cfg_path.parent.mkdir(parents=True, exist_ok=True)
             cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -78,7 +88,7 @@ def run_demo(out_dir: str | Path = "neuromerge-demo", *, quiet: bool = False) ->
             merged = _state(target)
             kept = [_kept(merged, base, e) for e in experts]
             lam = result.params.get("lambda2")
-            rows.append((method.name, kept, result.seconds["total"], lam))
+            rows.append((method.name, len(used), kept, result.seconds["total"], lam))
     finally:
         log.setLevel(level)
 
@@ -88,14 +98,17 @@ def run_demo(out_dir: str | Path = "neuromerge-demo", *, quiet: bool = False) ->
     print("How much of each expert's update the merge kept (synthetic updates, not accuracy):")
     print("cos = cosine(merged task vector, expert's); proj = projection on the expert's "
           "task vector (1 = all of it)\n")
-    head = "| method | " + " | ".join(f"expert {i + 1} cos / proj" for i in range(3)) + \
-        " | time (s) | note |"
+    experts_cols = " | ".join(f"expert {i + 1} cos / proj" for i in range(3))
+    head = f"| method | experts merged | {experts_cols} | time (s) | note |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
-    for name, kept, secs, lam in rows:
+    for name, n_used, kept, secs, lam in rows:
         cells = " | ".join(f"{c:.3f} / {p:.3f}" for c, p in kept)
         note = f"lambda2 = auto → {lam:.3f}" if isinstance(lam, float) else ""
-        print(f"| {name} | {cells} | {secs:.2f} | {note} |")
+        print(f"| {name} | {n_used} | {cells} | {secs:.2f} | {note} |")
+    if skipped:
+        print(f"\nNot in the demo: {', '.join(skipped)} (they need per-model data statistics: "
+              f"`neuromerge statistics`, see the README).")
     print("\nNext: write a YAML like the ones in configs/ for your own checkpoints and run "
           "`neuromerge merge CONFIG OUT_DIR`.")
     return 0

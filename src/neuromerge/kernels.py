@@ -42,10 +42,15 @@ def _difference_into(out: torch.Tensor, t: torch.Tensor, b: torch.Tensor) -> tor
     return out.sub_(b)
 
 
-def keep_count(density: float, n: int) -> int:
-    """k = ceil(density · n), exact for decimal densities: 0.2 of 10 entries is 2, not 3."""
+def keep_count(density: float, n: int, rule: str = "ceil") -> int:
+    """k = ceil(density · n), exact for decimal densities: 0.2 of 10 entries is 2, not 3.
+    ``rule="floor"``: mergekit's k = max(1, int(density · n)), in its float arithmetic."""
     if n <= 0:
         return 0
+    if density >= 1:
+        return n
+    if rule == "floor":
+        return min(n, max(1, int(float(density) * n)))
     k = math.ceil(Fraction(repr(float(density))) * n)
     return min(n, max(1, k))
 
@@ -99,12 +104,15 @@ def per_task(value: float | Sequence[float], n: int) -> tuple[float, ...]:
 
 
 def trim(tv: torch.Tensor, density: float | Sequence[float],
-         thresholds: Sequence[float] | None = None, *, inplace: bool = False) -> torch.Tensor:
+         thresholds: Sequence[float] | None = None, *, inplace: bool = False,
+         count: str = "ceil") -> torch.Tensor:
     """Keep each task's largest-magnitude entries, zero the rest (TIES step 1).
 
     With ``thresholds`` (one per task, from a model-wide pass) keep |τt| ≥ h_t; without, h_t is the
     k-th largest |τt| of this tensor, k = ceil(density_t · numel) (``density``: one for all tasks
-    or one per task). Ties at the threshold are kept.
+    or one per task). Ties at the threshold are kept, except with ``count="floor"``:
+    mergekit's k (:func:`keep_count`) and exactly k entries (:func:`exactly_k`); thresholds
+    from a model-wide pass (a global trim, a tensor merged in row blocks) keep ties.
     ``inplace`` zeroes entries of ``tv`` itself (one task at a time, to bound memory).
     """
     densities = per_task(density, tv.shape[0])
@@ -117,10 +125,29 @@ def trim(tv: torch.Tensor, density: float | Sequence[float],
         if thresholds is None and densities[t] >= 1:
             continue
         mags = magnitudes(out[t])
+        if thresholds is None and count == "floor":
+            out[t].masked_fill_(~exactly_k(mags, keep_count(densities[t], mags.numel(), count)),
+                                0)
+            continue
         h = (thresholds[t] if thresholds is not None
-             else kth_largest(mags, keep_count(densities[t], tv[0].numel())))
+             else kth_largest(mags, keep_count(densities[t], tv[0].numel(), count)))
         out[t].masked_fill_(mags < h, 0)
     return out
+
+
+def exactly_k(mags: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest entries (bool mask): those above the k-th largest value and, where more
+    than needed tie with it, the ones mergekit's ``argsort(descending=True)[:k]`` picks (it
+    keeps exactly k; bf16 task vectors tie often). The sort runs only in that case."""
+    h = kth_largest(mags, k)
+    keep = mags > h
+    need = k - int(keep.sum())
+    tied = mags == h
+    if need > 0 and int(tied.sum()) > need:
+        keep = torch.zeros(mags.numel(), dtype=torch.bool, device=mags.device)
+        keep[torch.argsort(mags.reshape(-1).float(), descending=True)[:k]] = True
+        return keep.reshape(mags.shape)
+    return keep | tied if need > 0 else keep
 
 
 def weigh(tv: torch.Tensor, weights: Sequence[float] | None) -> torch.Tensor:

@@ -159,9 +159,12 @@ class Mergekit:
     vectors); ``first_model_is_base``: without ``base_model`` the first model is the base;
     ``inputs(config)`` edits the whole config in place (after the parameter blocks, before
     ``first_model_is_base``): which of mergekit's inputs the method gets as its ``tensors``
-    (mergekit adds the base to the inputs when ``models`` does not list it)."""
+    (mergekit adds the base to the inputs when ``models`` does not list it); ``defaults``:
+    mergekit's values of parameters whose neuromerge default differs (a YAML config that leaves
+    them unset means mergekit's)."""
 
     rewrite: Callable[[dict[str, Any], str], None] | None = None
+    defaults: Mapping[str, Any] = field(default_factory=dict)
     weighted_scale: float | None = None
     first_model_is_base: bool = False
     inputs: Callable[[dict[str, Any]], None] | None = None
@@ -206,6 +209,13 @@ class MethodSpec:
     @property
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}
+
+    @property
+    def yaml_defaults(self) -> dict[str, Any]:
+        """The method's own defaults that a YAML config must spell out to get them (a YAML
+        leaving them unset means mergekit's): what the bench and the demo write."""
+        own = self.defaults
+        return {k: own[k] for k in self.mergekit.defaults}
 
     def validate(self, params: Mapping[str, Any] | None = None, *, where: str = "parameters"
                  ) -> dict[str, Any]:

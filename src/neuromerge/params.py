@@ -17,6 +17,11 @@ TrimScope = Annotated[Literal["global", "tensor"], Field(
                 "(TIES paper, NeuroMerging code); tensor: each tensor trimmed on its own "
                 "(mergekit's TIES)",
 )]
+TrimCount = Annotated[Literal["ceil", "floor"], Field(
+    description="how many entries a density keeps of n: ceil: k = ceil(density * n), ties at "
+                "the threshold kept (TIES paper, NeuroMerging); floor: mergekit's k = "
+                "max(1, int(density * n))",
+)]
 DropRate = Annotated[float, Field(
     ge=0, lt=1, description="probability p of dropping each task-vector entry (DARE); "
                             "survivors are rescaled by 1/(1-p)",

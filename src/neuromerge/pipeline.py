@@ -99,7 +99,7 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[str],
             inputs.vocab.write(tmp, inputs.base_path)
         if cfg.chat_template is not None:
             result.extra["chat_template"] = _chat_template(tmp, cfg.chat_template, inputs)
-        _write_card_and_record(tmp, cfg, inputs, prints, job.method, result, writer)
+        _write_card_and_record(tmp, cfg, inputs, prints, job.method, result, writer, out.name)
     result.output = out
     log.info("wrote %s (%d shard%s, %.2f GB) in %.1f s", out, len(writer.filenames),
              "" if len(writer.filenames) == 1 else "s", writer.total_size / 1e9,
@@ -204,9 +204,17 @@ def _with_overrides(config: MergeConfig | Mapping[str, Any] | str | os.PathLike[
     return cfg.with_overrides(dict(overrides)) if overrides else cfg
 
 
+#: the methods of mergekit 0.1.5: a config for one of them also runs with mergekit, so its text is
+#: written as mergekit_config.yml, as mergekit does
+MERGEKIT_METHODS = frozenset({
+    "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+    "breadcrumbs_ties", "della", "della_linear", "slerp", "nuslerp", "multislerp", "karcher",
+    "model_stock", "sce", "nearswap", "arcee_fusion", "passthrough"})
+
+
 def _write_card_and_record(folder: Path, cfg: MergeConfig, inputs: MergeInputs,
                            prints: list[str], method: Any, result: MergeResult,
-                           writer: ShardedSafetensorsWriter) -> None:
+                           writer: ShardedSafetensorsWriter, out_name: str) -> None:
     as_given = cfg.model_dump(exclude_defaults=False)
     if as_given.get("slices") is None:
         del as_given["slices"]
@@ -219,7 +227,11 @@ def _write_card_and_record(folder: Path, cfg: MergeConfig, inputs: MergeInputs,
                zip(roles, paths, (inputs.base, *inputs.experts), prints,
                    inputs.commits or [{}] * len(paths), strict=True)]
     (folder / "README.md").write_text(model_card(
-        version=__version__, method=method, config=as_given, inputs=records, result=result))
+        version=__version__, method=method, config=as_given, inputs=records, result=result,
+        name=out_name, text=cfg.text, mergekit_defaults=cfg.mergekit_defaults))
+    if cfg.text is not None and cfg.merge_method in MERGEKIT_METHODS:
+        # mergekit's record of the merge, as it writes one: the YAML as given
+        (folder / "mergekit_config.yml").write_text(cfg.text)
     _write_record(folder, as_given, result, writer,
                   {r["path"]: r["hub_commits"] for r in records if r.get("hub_commits")})
 

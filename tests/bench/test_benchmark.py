@@ -99,6 +99,14 @@ def test_benchmark_end_to_end_and_resume(tiny_base: Path, tmp_path: Path,
     assert default_nm["params"]["lambda1"] == 0.0 and default_nm["params"]["lambda2"] > 1.0
     cfg = tmp_path / "out" / "configs" / "seed0" / "neuromerging.yaml"
     assert "merge_method: neuromerging" in cfg.read_text()
+    # a mergekit method's defaults mode is the paper's, spelled out in its YAML (unset, a YAML
+    # would mean mergekit's density 1 per tensor)
+    ties_cfg = yaml.safe_load((tmp_path / "out" / "configs" / "seed0" / "ties.yaml").read_text())
+    assert ties_cfg["parameters"] == {"density": 0.2, "trim_scope": "global",
+                                      "trim_count": "ceil"}
+    default_ties = next(r for r in recs if r.get("mode") == "default" and r["method"] == "ties")
+    assert default_ties["params"]["density"] == 0.2
+    assert default_ties["params"]["trim_scope"] == "global"
     # fisher / regmean: statistics computed once per expert from its training split, cached
     # next to it, and named in the configs the default merges ran from
     stat_files = sorted((tmp_path / "cache" / "experts").glob("*/statistics/*.safetensors"))

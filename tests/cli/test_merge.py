@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer
 
 from neuromerge.io.reader import open_checkpoint
+from neuromerge.pipeline import MERGEKIT_METHODS
+from neuromerge.registry import get_method
 from tests.cli.helpers import (
     METHODS,
     OUTPUT_FILES,
@@ -73,7 +75,10 @@ def test_merge_each_method_loads_and_runs(
     cfg = write_config(method, base, experts)
     out = merge_ok(cfg, tmp_path / "merged")
     assert tree_hashes(base.parent) == before  # inputs never modified
-    assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES
+    mergekit_record = ["mergekit_config.yml"] if method in MERGEKIT_METHODS else []
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES + mergekit_record)
+    if mergekit_record:  # mergekit's record of the merge: the YAML exactly as written
+        assert (out / "mergekit_config.yml").read_text() == cfg.read_text()
     for name in SUPPORT:
         assert (out / name).read_bytes() == (base / name).read_bytes(), name
 
@@ -106,10 +111,15 @@ def test_merge_each_method_loads_and_runs(
     assert record["shards"] == ["model.safetensors"]
     assert sum(record["tensors"].values()) == len(b)
     assert f"**{method}**" in card
+    # a YAML leaving a parameter unset means mergekit's value where it differs from the paper's
+    filled = get_method(method).mergekit.defaults
     for k, v in record["parameters"].items():
         shown = f"{v:.6g}" if isinstance(v, float) else f"`{v}`"
-        assert re.search(rf"^\| {re.escape(k)} \| {re.escape(shown)} \| default \|$", card,
-                         re.M), (k, shown)
+        how = "mergekit's default" if k in filled else "default"
+        assert re.search(rf"^\| {re.escape(k)} \| {re.escape(shown)} \| {how} \|$", card,
+                         re.M), (k, shown, how)
+        if k in filled:
+            assert v == filled[k], k
 
 
 def _expected_linear(base: Path, experts: list[Path], how: str, scale: float
@@ -398,8 +408,8 @@ def test_param_override_equals_config_parameter(
     card = (by_flag2 / "README.md").read_text()
     assert re.search(r"^\| density \| 0\.5 \| 0\.5 \|$", card, re.M)
     assert re.search(r"^\| trim_scope \| `tensor` \| `tensor` \|$", card, re.M)
-    # -p wins over the config
-    again = merge_ok(dense, tmp_path / "again", "-p", "density=0.2")
+    # -p wins over the config (unset, a YAML's density is mergekit's 1.0)
+    again = merge_ok(dense, tmp_path / "again", "-p", "density=1.0")
     assert (again / "model.safetensors").read_bytes() == data["default"]
 
 
@@ -408,7 +418,8 @@ def test_seed_is_deterministic(
         method: str, bert_family: Callable[..., Family], write_config: Callable[..., Path],
         merge_ok: Callable[..., Path], tmp_path: Path) -> None:
     base, experts = bert_family()
-    cfg = write_config(method, base, experts)
+    # a YAML without drop_rate drops nothing (mergekit's density 1.0): no seed to follow
+    cfg = write_config(method, base, experts, parameters={"drop_rate": 0.9})
 
     def weights(name: str, *args: str) -> bytes:
         return (merge_ok(cfg, tmp_path / name, *args) / "model.safetensors").read_bytes()
@@ -427,9 +438,11 @@ def test_dare_seeds_follow_models_not_their_order(
         bert_family: Callable[..., Family], write_config: Callable[..., Path],
         merge_ok: Callable[..., Path], tmp_path: Path) -> None:
     base, experts = bert_family()
-    fwd = merge_ok(write_config("dare_linear", base, experts, name="f.yaml"), tmp_path / "f")
-    rev = merge_ok(write_config("dare_linear", base, experts[::-1], name="r.yaml"),
-                   tmp_path / "r")
+    drop = {"drop_rate": 0.9}
+    fwd = merge_ok(write_config("dare_linear", base, experts, name="f.yaml", parameters=drop),
+                   tmp_path / "f")
+    rev = merge_ok(write_config("dare_linear", base, experts[::-1], name="r.yaml",
+                                parameters=drop), tmp_path / "r")
     a, b = read_folder(fwd), read_folder(rev)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)  # only summation order
@@ -585,7 +598,7 @@ def test_dry_run_writes_the_plan_as_json_with_overrides_and_limit(
         tmp_path: Path, bert_family: Callable[..., Any], write_config: Callable[..., Path],
         run_cli: Callable[..., tuple[int, str, str]]) -> None:
     base, experts = bert_family(n_experts=2)
-    cfg = write_config("ties", base, experts)
+    cfg = write_config("ties", base, experts, parameters={"trim_scope": "global"})
     code, out, err = run_cli("merge", cfg, "--dry-run", "-p", "density=0.3",
                              "--plan-json", tmp_path / "plan.json")
     assert code == 0, err
@@ -597,7 +610,7 @@ def test_dry_run_writes_the_plan_as_json_with_overrides_and_limit(
     assert all([s["model"] for s in t["sources"]] == ["base", *map(str, experts)]
                for t in merged)
     assert all(t["units"] is None for t in plan["tensors"])  # no limit: every tensor whole
-    assert "threshold" in plan["passes"][0]  # ties' default global trim runs first
+    assert "threshold" in plan["passes"][0]  # a global trim runs first
     assert "pass before the merge: trim over the whole model" in out
     # the memory limit is part of the plan (its budget sizes the row blocks)
     code, out, err = run_cli("merge", cfg, "--dry-run", "--memory-limit", "4GB",

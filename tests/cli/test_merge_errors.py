@@ -351,4 +351,4 @@ def test_a_misspelt_parameter_runs_as_in_mergekit_but_says_so(
     assert ("parameters.densty: not a parameter of ties (did you mean 'density'?): ignored, "
             "as mergekit does") in stderr
     record = json.loads((tmp_path / "out" / "neuromerge_result.json").read_text())
-    assert record["parameters"]["density"] == 0.2  # the default, as mergekit would take
+    assert record["parameters"]["density"] == 1.0  # mergekit's default, as mergekit would take

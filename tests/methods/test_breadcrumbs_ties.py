@@ -62,11 +62,14 @@ def test_mergekit_breadcrumbs_config_gets_lambda_one_with_weights() -> None:
                          "models": [{"model": "x", "parameters": {"weight": 0.5,
                                                                   "density": 0.8}}],
                          "parameters": {"gamma": 0.02}})
-    assert cfg["parameters"] == {"gamma": 0.02, "scale": 1.0}
+    # mergekit's unset defaults (density 1, floor count) fill the global level; the
+    # per-model density still wins for its model
+    assert cfg["parameters"] == {"gamma": 0.02, "scale": 1.0, "density": 1.0,
+                                 "trim_count": "floor"}
     cfg = from_mergekit({"merge_method": "breadcrumbs_ties", "base_model": "b",
                          "models": [{"model": "x", "parameters": {"weight": 0.5}}],
                          "parameters": {"lambda": 0.7}})
-    assert cfg["parameters"] == {"scale": 0.7}
+    assert cfg["parameters"] == {"scale": 0.7, "density": 1.0, "trim_count": "floor"}
 
 
 @settings(max_examples=30, deadline=None)

@@ -1,5 +1,6 @@
-"""model_stock, sce, breadcrumbs, breadcrumbs_ties and della / della_linear against the real
-mergekit 0.1.5 (tests/mergekit_ref.py): the same YAML run by both on tiny Llama models.
+"""model_stock, sce, breadcrumbs, breadcrumbs_ties, della / della_linear and ties (with the YAML
+defaults: mergekit's) against the real mergekit 0.1.5 (tests/mergekit_ref.py): the same YAML
+run by both on tiny Llama models.
 
 Where a method is random (della), its deterministic part is checked: density 1 (no drop), so the
 weights, the sign consensus, normalize and λ are mergekit's. Breadcrumbs use densities and gammas
@@ -72,3 +73,32 @@ def test_della_without_the_drop_matches_mergekit(mergekit, tmp_path: Path, metho
     _check(mergekit, tmp_path, _config(method, base, models,
                                        {"normalize": normalize, "lambda": 0.7,
                                         "epsilon": 0.1}, per_model), method)
+
+
+@pytest.mark.parametrize(("method", "params", "per_model"), [
+    # no trim_scope, no trim_count: mergekit's per-tensor trim and its k = max(1, int(d·n)),
+    # at densities whose d·n is not an integer for any tensor of the tiny model
+    ("ties", {"density": 0.33, "weight": 1}, None),
+    ("ties", {"weight": 1}, [{"density": 0.37, "weight": 0.7}, {"density": 0.61},
+                             {"weight": 1.3}]),
+    ("ties", {"density": [0.2, 0.45], "weight": 0.8}, None),  # a density gradient
+    ("breadcrumbs_ties", {"density": 0.43, "gamma": 0.07, "weight": 1}, None),
+    ("breadcrumbs", {"density": 0.57, "gamma": 0.03, "weight": 0.5}, None),
+])
+def test_a_yaml_without_trim_settings_means_mergekits_trim(
+        mergekit, tmp_path: Path, method: str, params: dict[str, Any],
+        per_model: list[dict[str, Any]] | None) -> None:
+    base, models = _family(tmp_path, 3)
+    _check(mergekit, tmp_path, _config(method, base, models, params, per_model), method)
+
+
+def test_the_paper_trim_is_one_setting_away(tmp_path: Path) -> None:
+    """trim_scope: global and trim_count: ceil give neuromerge's TIES paper trim: a different
+    merge (the guard that the defaults above are what decides)."""
+    base, models = _family(tmp_path, 3)
+    cfg = _config("ties", base, models, {"density": 0.33, "weight": 1})
+    default = run_neuromerge(cfg, tmp_path, name="default")
+    paper = run_neuromerge({**cfg, "parameters": {"density": 0.33, "weight": 1,
+                                                  "trim_scope": "global",
+                                                  "trim_count": "ceil"}}, tmp_path, name="paper")
+    assert any(not bool((default[n] == paper[n]).all()) for n in default)

@@ -179,6 +179,8 @@ class Bench:
             "merge_method": method, "base_model": str(self.base.resolve()),
             "models": [{"model": str((experts[t] / "body").resolve())}
                        for t in self.profile.tasks]}
+        if own := get_method(method).yaml_defaults:  # the paper's defaults, not mergekit's
+            cfg["parameters"] = own
         stat_paths = self.expert_cache.statistics_for(method, experts)
         for entry, path in zip(cfg["models"], stat_paths or [], strict=False):
             entry["statistics"] = str(path.resolve())

@@ -14,9 +14,10 @@ from neuromerge.param_settings import check_setting
 log = logging.getLogger("neuromerge")
 
 
-def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
+def from_mergekit(data: dict[str, Any], *, filled: list[str] | None = None) -> dict[str, Any]:
     """A mergekit config rewritten in neuromerge's terms; a neuromerge config passes unchanged.
-    The input is not modified.
+    The input is not modified; ``filled`` (if given) receives the names of the global
+    parameters set to mergekit's defaults because the config left them unset.
 
     Every method: ``lambda`` → ``scale``; ``int8_mask`` (a memory option of mergekit's) is
     dropped; gradients (lists) and filters (``{filter, value}`` entries) are kept, checked
@@ -49,7 +50,16 @@ def from_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     weighted = "weight" in params or any(
         isinstance(b, dict) and "weight" in b for b in new_blocks[1:])
     if compat.weighted_scale is not None and weighted and "scale" not in params:
-        out["parameters"] = {**params, "scale": compat.weighted_scale}
+        out["parameters"] = params = {**params, "scale": compat.weighted_scale}
+        if filled is not None:
+            filled.append("scale")
+    unset = {k: v for k, v in compat.defaults.items() if k not in params}
+    if filled is not None:
+        filled.extend(unset)
+    if unset:
+        log.info("%s: unset parameters take mergekit's defaults: %s", method,
+                 ", ".join(f"{k}={v}" for k, v in unset.items()))
+        out["parameters"] = {**params, **unset}
     if compat.inputs is not None and isinstance(out.get("models"), list):
         compat.inputs(out)
     if compat.first_model_is_base and out.get("base_model") is None \

@@ -155,6 +155,8 @@ class MergeConfig(BaseModel):
     #: with slices: the merge groups and their flat configs (config/slices.py)
     _groups: list[tuple[SliceGroup, MergeConfig]] = PrivateAttr(default_factory=list)
     _raw: dict[str, Any] | None = PrivateAttr(default=None)
+    _text: str | None = PrivateAttr(default=None)
+    _mergekit_defaults: tuple[str, ...] = PrivateAttr(default=())
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> MergeConfig:
@@ -166,6 +168,10 @@ class MergeConfig(BaseModel):
     def raw(self) -> dict[str, Any]:
         """A sliced config as loaded (mergekit's keys), for the written config."""
         return dict(self._raw or {})
+
+    text = property(lambda self: self._text, doc="The YAML text as loaded (None: a dict).")
+    mergekit_defaults = property(lambda self: self._mergekit_defaults,
+                                 doc="Parameters left unset that took mergekit's defaults.")
 
     @property
     def groups(self) -> list[tuple[SliceGroup, MergeConfig]]:
@@ -261,7 +267,10 @@ class MergeConfig(BaseModel):
     def with_overrides(self, overrides: dict[str, Any]) -> MergeConfig:
         """A copy whose ``parameters`` are updated with ``overrides`` (command-line -p)."""
         new = self.model_copy(update={"parameters": {**self.parameters, **overrides}})
-        new._root, new._source, new._raw = self._root, self._source, self._raw
+        new._root, new._source, new._raw, new._text = (self._root, self._source, self._raw,
+                                                       self._text)
+        new._mergekit_defaults = tuple(k for k in self._mergekit_defaults
+                                       if k not in overrides)
         new._groups = [(g, c.with_overrides(overrides)) for g, c in self._groups]
         return new
 
@@ -272,15 +281,16 @@ def config_from_dict(data: Any, *, source: str = "config", root: Path | None = N
         raise ConfigError(f"{source}: expected a mapping with merge_method, base_model, models")
     if data.get("slices") is not None:
         return _sliced_config(data, source, root)
+    filled: list[str] = []
     try:
-        data = from_mergekit(data)
+        data = from_mergekit(data, filled=filled)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}" if source != "config" else str(exc)) from None
     try:
         cfg = MergeConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_config_error(exc, source)) from None
-    cfg._root = root
+    cfg._root, cfg._mergekit_defaults = root, tuple(filled)
     cfg._source = source if source != "config" else None
     return cfg
 
@@ -383,4 +393,6 @@ def load_config(path: str | os.PathLike[str]) -> MergeConfig:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{p}: YAML error{where}: {problem}") from None
-    return config_from_dict(data, source=str(p), root=p.resolve().parent)
+    cfg = config_from_dict(data, source=str(p), root=p.resolve().parent)
+    cfg._text = text
+    return cfg

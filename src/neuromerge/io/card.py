@@ -1,5 +1,7 @@
-"""The model card (README.md) written beside a merged model: inputs, method, the parameters as
-resolved (``lambda2: auto`` as a number, each task's σ) and the configuration."""
+"""The model card (README.md) written beside a merged model, in the layout of mergekit's (hub
+metadata naming the models, the method, the models merged, the YAML as given), then what
+neuromerge adds: inputs with sizes and fingerprints, the parameters as resolved (``lambda2:
+auto`` as a number, each task's σ), the trim and the tensors."""
 
 from __future__ import annotations
 
@@ -24,23 +26,45 @@ def _value(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else f"`{v}`"
 
 
+def _hub_ids(inp: Mapping[str, Any]) -> list[str]:
+    """The hub repos an input names (a ``model+lora`` path names two)."""
+    return list((inp.get("hub_commits") or {}).keys())
+
+
+def _model_md(inp: Mapping[str, Any]) -> str:
+    """An input as mergekit's card shows it: hub repos as links, local paths as they are."""
+    repos = _hub_ids(inp)
+    if not repos:
+        return f"`{inp['path']}`"
+    return " + ".join(f"[{r}](https://huggingface.co/{r})" for r in repos)
+
+
 def model_card(*, version: str, method: MethodSpec, config: Mapping[str, Any],
-               inputs: Sequence[Mapping[str, Any]], result: Any) -> str:
-    """``inputs``: dicts with role, path, size (bytes), files, fingerprint (may be empty)."""
+               inputs: Sequence[Mapping[str, Any]], result: Any, name: str = "Merged model",
+               text: str | None = None, mergekit_defaults: Sequence[str] = ()) -> str:
+    """``inputs``: dicts with role, path, size (bytes), files, fingerprint (may be empty) and
+    hub_commits ({repo: commit} of the hub repos the path names); ``text``: the config as
+    written (else ``config`` is dumped); ``mergekit_defaults``: parameters that took mergekit's
+    defaults."""
+    hub = list(dict.fromkeys(r for inp in inputs for r in _hub_ids(inp)))
+    meta = {"base_model": hub, "library_name": "transformers",
+            "tags": ["merge", "neuromerge", method.name]}
+    if not hub:
+        del meta["base_model"]
+    base, experts = inputs[0], inputs[1:]
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags:",
-        "- merge",
-        "- neuromerge",
-        f"- {method.name}",
-        "---",
-        "",
-        "# Merged model",
-        "",
-        f"Merged with neuromerge {version} using **{method.name}** ({method.reference_url}): "
-        f"{method.summary}",
-        "",
+        "---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
+        f"# {name}", "",
+        f"This is a merge of pre-trained language models created with neuromerge {version}.",
+        "", "## Merge Details", "### Merge Method", "",
+        f"This model was merged using the [**{method.name}**]({method.reference_url}) merge method "
+        f"using {_model_md(base)} as a base: {method.summary}", "",
+        "### Models Merged", "", "The following models were included in the merge:",
+        *[f"* {_model_md(e)}" for e in experts], "",
+        "### Configuration", "",
+        "The following YAML configuration was used to produce this model:", "", "```yaml",
+        (text.rstrip() if text is not None
+         else yaml.safe_dump(dict(config), sort_keys=False).rstrip()), "```", "",
         "## Inputs",
         "",
         "| role | path | size | files | fingerprint |",
@@ -57,7 +81,9 @@ def model_card(*, version: str, method: MethodSpec, config: Mapping[str, Any],
               "|---|---|---|"]
     given = config.get("parameters", {}) or {}
     for k, v in result.params.items():
-        lines.append(f"| {k} | {_value(v)} | {_value(given[k]) if k in given else 'default'} |")
+        how = ("mergekit's default" if k in mergekit_defaults
+               else _value(given[k]) if k in given else "default")
+        lines.append(f"| {k} | {_value(v)} | {how} |")
     trim = result.trim
     if trim is not None:
         lines += ["", f"## Trimming ({trim.scope} scope, density {trim.density})", "",
@@ -98,9 +124,10 @@ def model_card(*, version: str, method: MethodSpec, config: Mapping[str, Any],
                      f"rows (GPT-2-style Conv1D columns, broadcast tables): {shown}")
     for copy, kept in (result.extra.get("tied") or {}).items():
         lines.append(f"- `{copy}` is tied to `{kept}`: merged once, left out of the output")
-    lines += ["", "## Configuration", "", "```yaml",
-              yaml.safe_dump(dict(config), sort_keys=False).rstrip(), "```", "",
-              f"Merge time: {result.seconds.get('total', 0):.1f} s.", ""]
+    if text is not None:
+        lines += ["", "## Configuration as neuromerge read it", "", "```yaml",
+                  yaml.safe_dump(dict(config), sort_keys=False).rstrip(), "```"]
+    lines += ["", f"Merge time: {result.seconds.get('total', 0):.1f} s.", ""]
     return "\n".join(lines)
 
 

@@ -61,7 +61,8 @@ def mergekit_keep_rate(block: dict[str, Any], where: str) -> None:
 
 @merge_method(name="dare_linear", reference_url=_REFERENCE, per_model_params=_PER_MODEL,
               linear_in=("scale",),
-              mergekit=Mergekit(rewrite=mergekit_keep_rate, weighted_scale=1.0))
+              mergekit=Mergekit(rewrite=mergekit_keep_rate, weighted_scale=1.0,
+                                defaults={"drop_rate": 0.0}))
 def dare_linear(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     drop_rate: DropRate = 0.5,
@@ -85,7 +86,8 @@ def dare_linear(
 
 
 @merge_method(name="dare_ties", reference_url=_REFERENCE, per_model_params=_PER_MODEL,
-              linear_in=("scale",), mergekit=Mergekit(rewrite=mergekit_keep_rate))
+              linear_in=("scale",), mergekit=Mergekit(
+                  rewrite=mergekit_keep_rate, defaults={"drop_rate": 0.0, "normalize": False}))
 def dare_ties(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     drop_rate: DropRate = 0.5,
