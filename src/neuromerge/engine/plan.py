@@ -54,6 +54,12 @@ class TensorPlan:
         """The trim density of each model for this tensor (one for all where models set none)."""
         return self.model_params.get("density", self.params.get("density", 1.0))
 
+    @property
+    def trim_count(self) -> str:
+        """How a density counts the entries it keeps (``kernels.keep_count``; methods without a
+        ``trim_count`` parameter, such as NeuroMerging, take the papers' ceil)."""
+        return self.params.get("trim_count", "ceil")
+
 
 Rows = tuple[int, int] | None  # a block [start, stop) of a tensor's neurons, or None: all of it
 

@@ -51,8 +51,7 @@ def trim_pass(units: Sequence[Unit], inputs: Inputs, *,
     n = sum(u.numel for u in merged)
     if scope == "global" and density < 1 and n > 0:
         # one select pass serves every distinct k; each task reads its own k's result
-        rule = merged[0].plan.params.get("trim_count", "ceil")
-        task_ks = [keep_count(d, n, rule) for d in densities]
+        task_ks = [keep_count(d, n, merged[0].plan.trim_count) for d in densities]
         ks = sorted(set(task_ks))
         l1, per_k = select_over(merged, inputs, ks, progress=progress,
                                 desc=("trim pass 1/2", "trim pass 2/2"))
@@ -84,7 +83,7 @@ def _per_tensor_masses(merged: Sequence[Unit], inputs: Inputs,
                 kept[t] += l1
             else:
                 h = kth_largest(mags, keep_count(densities[t], u.plan.meta.numel,
-                                                 u.plan.params.get("trim_count", "ceil")))
+                                                 u.plan.trim_count))
                 kept[t] += float(mags[mags >= h].sum(dtype=torch.float64))
     for name, group in group_by_tensor([u for u in merged if u.rows is not None]):
         hs, tot, kep = blocked_tensor_trim(group, inputs, densities_of(group[0].plan))
@@ -173,8 +172,8 @@ def blocked_tensor_trim(group: Sequence[Unit], inputs: Inputs,
     if all(d >= 1 for d in densities):
         totals = select_over(group, inputs, [])[0]
         return None, totals, list(totals)
-    rule = group[0].plan.params.get("trim_count", "ceil")
-    task_ks = [keep_count(d, group[0].plan.meta.numel, rule) for d in densities]
+    task_ks = [keep_count(d, group[0].plan.meta.numel, group[0].plan.trim_count)
+               for d in densities]
     ks = sorted(set(task_ks))
     totals, per_k = select_over(group, inputs, ks)
     results = [(0.0, totals[t]) if densities[t] >= 1 else per_k[ks.index(k)][t]

@@ -52,6 +52,7 @@ def model_card(*, version: str, method: MethodSpec, config: Mapping[str, Any],
     if not hub:
         del meta["base_model"]
     base, experts = inputs[0], inputs[1:]
+    as_read = yaml.safe_dump(dict(config), sort_keys=False).rstrip()
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
         f"# {name}", "",
@@ -63,8 +64,7 @@ def model_card(*, version: str, method: MethodSpec, config: Mapping[str, Any],
         *[f"* {_model_md(e)}" for e in experts], "",
         "### Configuration", "",
         "The following YAML configuration was used to produce this model:", "", "```yaml",
-        (text.rstrip() if text is not None
-         else yaml.safe_dump(dict(config), sort_keys=False).rstrip()), "```", "",
+        text.rstrip() if text is not None else as_read, "```", "",
         "## Inputs",
         "",
         "| role | path | size | files | fingerprint |",
@@ -125,8 +125,7 @@ def model_card(*, version: str, method: MethodSpec, config: Mapping[str, Any],
     for copy, kept in (result.extra.get("tied") or {}).items():
         lines.append(f"- `{copy}` is tied to `{kept}`: merged once, left out of the output")
     if text is not None:
-        lines += ["", "## Configuration as neuromerge read it", "", "```yaml",
-                  yaml.safe_dump(dict(config), sort_keys=False).rstrip(), "```"]
+        lines += ["", "## Configuration as neuromerge read it", "", "```yaml", as_read, "```"]
     lines += ["", f"Merge time: {result.seconds.get('total', 0):.1f} s.", ""]
     return "\n".join(lines)
 

@@ -59,9 +59,8 @@ def breadcrumbs_mask(tv: torch.Tensor, density: float, gamma: float, count: str 
         keep = torch.zeros(n, dtype=torch.bool, device=tv.device)
         keep[order[n_bot:n_bot + k]] = True
         return keep.reshape(tv.shape)
-    else:
-        k, n_top = keep_count(density, n), floor_count(gamma, n)
-    n_top = min(n_top, n - k)
+    k = keep_count(density, n)
+    n_top = min(floor_count(gamma, n), n - k)
     mags = magnitudes(tv)
     keep = mags >= kth_largest(mags, n_top + k) if n_top + k < n else torch.ones_like(
         mags, dtype=torch.bool)
