@@ -52,11 +52,13 @@ CASES = [
     ("nearswap", {}),
     ("nearswap", {"t": 0.5}),
     ("passthrough", {"scale": 0.5}),
+    ("della", {}),
+    ("della_linear", {"normalize": False}),
 ]
 
 #: Methods whose merged rows depend on other rows (per-tensor order statistics, an SVD).
 WHOLE_TENSOR = ["breadcrumbs", "pcb", "tsv_m", "iso_c", "iso_cts", "breadcrumbs_ties", "sce",
-                "della", "della_linear", "slerp", "nuslerp", "multislerp", "karcher",
+                "slerp", "nuslerp", "multislerp", "karcher",
                 "arcee_fusion"]
 
 
@@ -117,19 +119,27 @@ def test_row_blocks_give_the_whole_tensor_result(method: str, params: dict, max_
                                    msg=f"{method} {params} {name}")
 
 
-@pytest.mark.parametrize(("method", "params"), CASES + [(m, {}) for m in WHOLE_TENSOR],
+#: della ranks a 1-D tensor whole, so with a drop it runs under compute blocks only (a budget that
+#: splits a 1-D tensor is refused: tests/methods/test_della.py)
+DROPPING = [("della", {"density": 0.5, "epsilon": 0.2, "seed": 3}),
+            ("della_linear", {"density": 0.6, "seed": 1, "rescale": False})]
+
+
+@pytest.mark.parametrize(("method", "params"),
+                         CASES + DROPPING + [(m, {}) for m in WHOLE_TENSOR],
                          ids=lambda v: str(v))
 def test_compute_blocks_read_once_and_give_the_whole_tensor_result(
         method: str, params: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tensors whose inputs fit the budget but exceed COMPUTE_BLOCK_ENTRIES are merged in row
-    blocks (row-local methods only) from inputs read once and held: same result, one read."""
+    blocks (row-local methods only; 1-D tensors stay whole) from inputs read once and held:
+    same result, one read."""
     base, experts = models_for(method)
     whole = merged(method, params, base, experts, max_entries=None, monkeypatch=monkeypatch)
     monkeypatch.setattr(units, "COMPUTE_BLOCK_ENTRIES", 7)
     blocks = merged(method, params, base, experts, max_entries=None, monkeypatch=monkeypatch)
     assert blocks.extra["row_blocks"] == {}
     if get_method(method).row_local:
-        assert set(blocks.extra["compute_blocks"]) == {"emb", "w", "b"}
+        assert set(blocks.extra["compute_blocks"]) == {"emb", "w"}
     else:
         assert blocks.extra["compute_blocks"] == {}
     assert blocks.bytes_read == whole.bytes_read  # the blocks' passes reuse the held inputs

@@ -5,6 +5,8 @@ the base, model order, row blocks)."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -65,6 +67,21 @@ def test_merge_given_the_mask_matches_mergekit(method, consensus: bool, normaliz
     want = gta(base.numpy(), deltas, weights, consensus=consensus, normalize=normalize,
                lam=0.7)
     assert_close(out, torch.from_numpy(want), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("block_entries", [1, 16, 1 << 21])
+def test_mask_drawn_in_row_blocks_is_the_whole_tensors(monkeypatch, block_entries: int) -> None:
+    # 1 entry -> one row per block; 16 -> two rows of 8; the default -> the whole tensor at once
+    monkeypatch.setattr(sys.modules["neuromerge.methods.della"], "MASK_BLOCK_ENTRIES",
+                        block_entries)
+    gen = torch.Generator().manual_seed(8)
+    base = torch.randn(7, 8, generator=gen, dtype=torch.float64)
+    models = [base + torch.randn(7, 8, generator=gen, dtype=torch.float64) for _ in range(2)]
+    out = della_linear(base, models, density=0.5, epsilon=0.2, rescale=False, normalize=False,
+                       ctx=TensorContext(name="w", model_seeds=(1, 2)))
+    masks = _masks(models, base, 0.5, 0.2, (1, 2), "w")
+    want = base.numpy() + sum((m - base).numpy() * k for m, k in zip(models, masks, strict=True))
+    assert_close(out, torch.from_numpy(want), rtol=1e-12, atol=1e-12)
 
 
 def test_keep_rate_is_mergekits_in_distribution() -> None:

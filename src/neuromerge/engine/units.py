@@ -63,7 +63,8 @@ def plan_units(plan: Sequence[TensorPlan], base: CheckpointReader,
         rows = split_rows(p.meta, max(1, budget // per_entry), p.neuron_axis)
         # inputs as stored (this tensor's and the next one's) plus one block's working set
         stored = 2 * (n_exp + 1) * itemsize * p.meta.numel
-        if (rows == [None] and compute_block and p.kind != "copy"
+        # a 1-D tensor stays whole: some row-local methods rank it as one row (della)
+        if (rows == [None] and compute_block and p.kind != "copy" and len(p.meta.shape) > 1
                 and stored + per_entry * compute_block <= budget):
             rows = split_rows(p.meta, compute_block, p.neuron_axis)
             if rows != [None]:

@@ -46,9 +46,35 @@ def keep_probabilities(tv: torch.Tensor, density: float, epsilon: float) -> torc
     x = tv.unsqueeze(0) if tv.dim() < 2 else tv
     n = x.shape[1]
     order = torch.argsort(magnitudes(x), dim=1, stable=True)
-    ranks = torch.argsort(order, dim=1, stable=True).to(torch.float64)
+    # the inverse permutation by a scatter (a second argsort costs as much as the first)
+    ranks = torch.empty(x.shape, dtype=torch.float64, device=x.device).scatter_(
+        1, order, torch.arange(n, dtype=torch.float64, device=x.device)
+        .reshape(1, n, *([1] * (x.dim() - 2))).expand(x.shape))
     rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
     return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(tv.shape)
+
+
+#: Rows of a 2-D task vector whose mask is drawn at once: the ranks and probabilities are float64
+#: and int64 per entry, so a whole embedding's would take several times the tensor itself.
+MASK_BLOCK_ENTRIES = 1 << 21
+
+
+def magprune_(tv: torch.Tensor, density: float, epsilon: float, seed: int, offset: int) -> None:
+    """Zero, in place, the entries of one task vector that MAGPRUNE drops: entry i is kept where
+    u_i < p_i, u the seeded stream at the entry's position ``offset + i`` in the whole tensor and
+    p from :func:`keep_probabilities`. Ranks are per row, so a 2-D tensor is masked a block of
+    rows at a time (same mask, bounded temporaries)."""
+    if tv.dim() < 2:
+        blocks = [(0, tv)]
+    else:
+        rows = max(1, MASK_BLOCK_ENTRIES // max(1, tv[0].numel()))
+        blocks = [(r, tv[r:r + rows]) for r in range(0, tv.shape[0], rows)]
+    row_size = tv[0].numel() if tv.dim() >= 2 else 0
+    for r, block in blocks:
+        u = uniform_stream(seed, offset + r * row_size, block.numel())
+        keep = u.to(torch.float64).reshape(block.shape).to(block.device) < keep_probabilities(
+            block, density, epsilon)
+        block.masked_fill_(~keep, 0)
 
 
 def check_epsilon(density: float, epsilon: float, where: str = "della") -> None:
@@ -65,9 +91,10 @@ def magprune_task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], *
     ``rescale`` (1 where either norm is below 1e-7, as mergekit), else 1. Also returns each
     model's Σ mask_t ⊙ τt · c_t over the whole tensor (the sign election's tie-break).
 
-    Row blocks of a 2-D tensor would give the same result (the stream is indexed by the entry's
-    position in the whole tensor, the norms are whole-tensor sums), but a 1-D tensor is ranked
-    whole, so the methods are declared whole-tensor (``row_local=False``)."""
+    Row blocks of a 2-D tensor give the same result (ranks are per row, the stream is indexed by
+    the entry's position in the whole tensor, the norms are whole-tensor sums); a 1-D tensor is
+    ranked whole, and the engine never splits one for compute (only a memory budget smaller
+    than the tensor would, and that is refused)."""
     n = len(tensors)
     densities = ctx.per_model("density", density, n)
     epsilons = ctx.per_model("epsilon", epsilon, n)
@@ -83,11 +110,8 @@ def magprune_task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], *
             if blocked and base.dim() < 2:
                 raise ConfigError(f"{ctx.name}: della ranks a 1-D tensor whole; it cannot be "
                                   f"merged in row blocks (raise the memory limit)")
-            u = uniform_stream(derive_seed(seeds[t], ctx.name), offset, tv[t].numel())
-            keep = u.to(torch.float64).reshape(tv[t].shape).to(tv.device) < keep_probabilities(
-                tv[t], d, eps)
             before = ctx.tensor_sum(f"l1_{t}", tv[t].abs().sum) if rescale else 0.0
-            tv[t].masked_fill_(~keep, 0)
+            magprune_(tv[t], d, eps, derive_seed(seeds[t], ctx.name), offset)
             total = ctx.tensor_sum(f"sum_{t}", tv[t].sum)
             if rescale:
                 after = ctx.tensor_sum(f"kept_{t}", tv[t].abs().sum)
@@ -100,7 +124,7 @@ def magprune_task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], *
     return tv, sums
 
 
-@merge_method(name="della", reference_url=_REFERENCE, linear_in=("scale",), row_local=False,
+@merge_method(name="della", reference_url=_REFERENCE, linear_in=("scale",),
               per_model_params=("seed", "weight", "density", "epsilon"))
 def della(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
@@ -132,7 +156,6 @@ def della(
 
 
 @merge_method(name="della_linear", reference_url=_REFERENCE, linear_in=("scale",),
-              row_local=False,
               per_model_params=("seed", "weight", "density", "epsilon"))
 def della_linear(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *,

@@ -30,14 +30,16 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, *,
     norm_b = torch.linalg.vector_norm(b)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
+    # ⟨a, b⟩ / (‖a‖‖b‖) rather than mergekit's sum of normalised products: no temporaries the
+    # size of the tensor (an embedding is the largest), the same value to float32 rounding
+    dot = (torch.dot(a, b) / (norm_a * norm_b)).clamp(-1, 1)
     linear = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
     tt = torch.tensor(t, dtype=dtype)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
-    return (coef_a * a + coef_b * b).reshape(v0.shape)
+    return torch.mul(b, coef_b).add_(a, alpha=float(coef_a)).reshape(v0.shape)
 
 
 @merge_method(name="slerp", reference_url="https://en.wikipedia.org/wiki/Slerp",
