@@ -54,24 +54,22 @@ def keep_probabilities(tv: torch.Tensor, density: float, epsilon: float) -> torc
     return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(tv.shape)
 
 
-#: Rows of a 2-D task vector whose mask is drawn at once: the ranks and probabilities are float64
-#: and int64 per entry, so a whole embedding's would take several times the tensor itself.
+#: Entries of a task vector whose mask is drawn at once (whole rows): the ranks and
+#: probabilities are float64 and int64 per entry, several times the size of the tensor itself.
 MASK_BLOCK_ENTRIES = 1 << 21
 
 
 def magprune_(tv: torch.Tensor, density: float, epsilon: float, seed: int, offset: int) -> None:
     """Zero, in place, the entries of one task vector that MAGPRUNE drops: entry i is kept where
     u_i < p_i, u the seeded stream at the entry's position ``offset + i`` in the whole tensor and
-    p from :func:`keep_probabilities`. Ranks are per row, so a 2-D tensor is masked a block of
-    rows at a time (same mask, bounded temporaries)."""
-    if tv.dim() < 2:
-        blocks = [(0, tv)]
-    else:
-        rows = max(1, MASK_BLOCK_ENTRIES // max(1, tv[0].numel()))
-        blocks = [(r, tv[r:r + rows]) for r in range(0, tv.shape[0], rows)]
-    row_size = tv[0].numel() if tv.dim() >= 2 else 0
-    for r, block in blocks:
-        u = uniform_stream(seed, offset + r * row_size, block.numel())
+    p from :func:`keep_probabilities`. Ranks are per row (a 1-D tensor is one row), so the mask
+    is drawn a block of rows at a time: the same mask, bounded temporaries."""
+    x = tv.unsqueeze(0) if tv.dim() < 2 else tv
+    row = x[0].numel()
+    step = max(1, MASK_BLOCK_ENTRIES // max(1, row))
+    for r in range(0, x.shape[0], step):
+        block = x[r:r + step]
+        u = uniform_stream(seed, offset + r * row, block.numel())
         keep = u.to(torch.float64).reshape(block.shape).to(block.device) < keep_probabilities(
             block, density, epsilon)
         block.masked_fill_(~keep, 0)
